@@ -1,0 +1,104 @@
+"""Verification of a chain of draft tokens against the target: greedy and exact speculative sampling.
+
+Pure functions over tensors (Leviathan et al. 2023; Chen et al. 2023). ``p`` = target, ``q`` = draft.
+The draft's q is the *sparse* distribution it really sampled from (TSLT: sparsify, then sample); every
+token it does not list has q = 0, which keeps exact verification lossless whatever the truncation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import sample, uniform
+from .sparse import SparseDist
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of verifying one round.
+
+    Attributes:
+        accepted: number of draft tokens accepted (0..gamma).
+        tokens: the tokens to commit: the accepted draft tokens, then one correction (after a
+            rejection) or bonus (after full acceptance) token; ``accepted + 1`` tokens.
+        accepted_mask: per drafted position, whether it was accepted (positions after the first
+            rejection are False: they were never tested).
+    """
+
+    accepted: int
+    tokens: list[int]
+    accepted_mask: list[bool] = field(default_factory=list)
+
+    @property
+    def next_token(self) -> int:
+        """The correction or bonus token (the last committed token)."""
+        return self.tokens[-1]
+
+
+def residual(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
+    """``norm(max(p - q, 0))`` per row; falls back to ``p`` where ``p == q`` leaves no residual mass.
+
+    Args:
+        target_probs: ``[n, V]``.
+        draft_probs: ``[n, V]`` (dense view of the sparse q).
+    Returns:
+        ``[n, V]`` float32, rows summing to 1.
+    """
+    diff = (target_probs.float() - draft_probs.float()).clamp_min(0.0)
+    total = diff.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, diff / total.clamp_min(1e-30), target_probs.float())
+
+
+def verify_greedy(draft_tokens: torch.Tensor, target_probs: torch.Tensor) -> Verdict:
+    """Temperature 0: accept while the draft token is the target's argmax.
+
+    Args:
+        draft_tokens: ``[gamma]`` int64.
+        target_probs: ``[gamma + 1, V]`` (or logits: only the argmax matters).
+    """
+    gamma = draft_tokens.numel()
+    argmax = target_probs.argmax(dim=-1)  # [gamma + 1]
+    match = (argmax[:gamma] == draft_tokens).tolist()
+    accepted = match.index(False) if False in match else gamma
+    tokens = draft_tokens[:accepted].tolist() + [int(argmax[accepted])]
+    return Verdict(accepted, tokens, [i < accepted for i in range(gamma)])
+
+
+def verify_exact(
+    draft_tokens: torch.Tensor,
+    draft_q: SparseDist,
+    target_probs: torch.Tensor,
+    generator: torch.Generator,
+) -> Verdict:
+    """Exact speculative sampling: the committed tokens are distributed exactly as p.
+
+    Accept ``x_i`` with probability ``min(1, p_i(x_i) / q_i(x_i))``; at the first rejection sample a
+    correction from ``norm(max(p_i - q_i, 0))``; if all are accepted sample a bonus from ``p_gamma``.
+
+    Args:
+        draft_tokens: ``[gamma]`` int64, ``x_i ~ q_i``.
+        draft_q: ``gamma`` rows, the sparse distributions the tokens were drawn from.
+        target_probs: ``[gamma + 1, V]`` float, p for each drafted position and the bonus position.
+        generator: source of the acceptance uniforms and the correction/bonus draw.
+    """
+    gamma = draft_tokens.numel()
+    if draft_q.num_positions != gamma or target_probs.shape[0] != gamma + 1:
+        raise ValueError(
+            f"shape mismatch: {gamma} draft tokens, {draft_q.num_positions} q rows, "
+            f"{target_probs.shape[0]} p rows (want gamma + 1)"
+        )
+    p_x = target_probs[torch.arange(gamma), draft_tokens].float()  # [gamma]
+    q_x = draft_q.prob_of(draft_tokens)  # [gamma]
+    u = uniform(gamma, generator)  # [gamma]
+    # u < p/q  <=>  u * q < p; q_x > 0 always holds for a token the draft really sampled.
+    ok = (u * q_x < p_x).tolist()
+    accepted = ok.index(False) if False in ok else gamma
+    if accepted < gamma:
+        q_dense = draft_q.row(accepted).to_dense()  # [1, V]
+        dist = residual(target_probs[accepted : accepted + 1], q_dense)
+    else:
+        dist = target_probs[gamma : gamma + 1].float()
+    last = int(sample(dist, generator)[0])
+    tokens = draft_tokens[:accepted].tolist() + [last]
+    return Verdict(accepted, tokens, [i < accepted for i in range(gamma)])
