@@ -152,3 +152,24 @@ class ErrorMessage:
     round: int
     code: str
     text: str
+
+
+@dataclass(frozen=True)
+class ProposeRequest:
+    """Scheduler -> draft worker (both on the device): sync to the committed tokens, then draft.
+
+    Attributes:
+        session_id, round: the round to draft.
+        start: position of ``tokens[0]``; the draft has been told every committed token before it.
+        tokens: committed tokens from ``start`` on (the new ones since the last round).
+        gamma: tokens to draft (0 = none: the proposal only carries the target's context).
+        target_rollback: cached positions the target keeps; the proposal's context is
+            ``committed[target_rollback:]``.
+    """
+
+    session_id: str
+    round: int
+    start: int
+    tokens: list[int]
+    gamma: int
+    target_rollback: int

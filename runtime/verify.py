@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .sampling import sample, uniform
-from .sparse import SparseDist
+from .sparse import SparseDist, normalised
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,8 @@ def verify_exact(
             f"shape mismatch: {gamma} draft tokens, {draft_q.num_positions} q rows, "
             f"{target_probs.shape[0]} p rows (want gamma + 1)"
         )
+    # q rows may be float16-rounded weights (see sparse.at_wire_precision): use them normalised.
+    draft_q = normalised(draft_q)
     p_x = target_probs[torch.arange(gamma), draft_tokens].float()  # [gamma]
     q_x = draft_q.prob_of(draft_tokens)  # [gamma]
     u = uniform(gamma, generator)  # [gamma]

@@ -1,0 +1,104 @@
+"""A target stage (edge side): a contiguous slice of the target's layers and their KV cache.
+
+A plain class: tests call it directly, Ray wraps it in one place (``actors/remote.py``). Each round it
+rolls its cache back to the position the message carries, runs its layers over every fed token
+(uncached context, then candidates) at once and passes the hidden states on; the last stage turns them
+into p and applies the session's acceptance policy (the verifier).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from specmesh.policies.acceptance import ACCEPTANCE
+from specmesh.runtime import sampling
+from specmesh.runtime.messages import DraftProposal, OpenSession, SamplingParams, StageFrame, VerifyResult
+
+from . import hf
+
+
+@dataclass
+class _StageSession:
+    params: SamplingParams
+    cache: object
+    last_round: int = 0
+
+
+class TargetStage:
+    """Stage ``index`` of ``num_stages`` of the target pipeline.
+
+    Args:
+        model: the loaded slice (first stage: embeddings; last: norm and LM head).
+        threads: torch intra-op threads for this worker (None leaves the process default).
+    """
+
+    def __init__(self, model: hf.StageModel, threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = model
+        self.sessions: dict[str, _StageSession] = {}
+
+    def open(self, msg: OpenSession) -> None:
+        ACCEPTANCE.get(msg.params.acceptance)  # fail at open, not mid-generation
+        self.sessions[msg.session_id] = _StageSession(msg.params, self.model.new_cache())
+
+    def close(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+
+    def cached_positions(self, session_id: str) -> int:
+        return hf.cache_length(self._session(session_id).cache)
+
+    def step(self, msg: DraftProposal | StageFrame) -> StageFrame | VerifyResult:
+        """Processes one round's message: a proposal (first stage) or a frame (later stages)."""
+        proposal = msg if isinstance(msg, DraftProposal) else msg.proposal
+        if isinstance(msg, DraftProposal) != self.model.is_first:
+            raise ValueError(
+                f"stage holding layers {self.model.layers} got a {type(msg).__name__}"
+            )
+        s = self._session(proposal.session_id)
+        if proposal.round <= s.last_round:
+            raise ValueError(
+                f"stale round {proposal.round} for session {proposal.session_id} (at {s.last_round})"
+            )
+        if not proposal.context:
+            raise ValueError("a round must carry at least one uncached context token")
+        if proposal.parents:
+            raise NotImplementedError("token trees arrive with the DSD issue; send a chain")
+        s.last_round = proposal.round
+        t0 = time.perf_counter()
+        hf.truncate_cache(s.cache, proposal.rollback)
+        fed = len(proposal.context) + proposal.num_candidates
+        positions = torch.arange(proposal.rollback, proposal.rollback + fed)  # [fed]
+        if self.model.is_first:
+            ids = torch.cat([torch.tensor(proposal.context, dtype=torch.int64), proposal.candidates])
+            hidden = hf.forward(self.model, s.cache, input_ids=ids, position_ids=positions)
+        else:
+            hidden = hf.forward(self.model, s.cache, hidden=msg.hidden, position_ids=positions)
+        prior_ms = [] if isinstance(msg, DraftProposal) else list(msg.stage_ms)
+        if not self.model.is_last:
+            ms = (time.perf_counter() - t0) * 1e3
+            return StageFrame(proposal, hidden, prior_ms + [ms])
+        verdict = self._verify(s, proposal, hidden)
+        ms = (time.perf_counter() - t0) * 1e3
+        return VerifyResult(
+            session_id=proposal.session_id, round=proposal.round, accepted=verdict.accepted,
+            tokens=verdict.tokens, accepted_mask=verdict.accepted_mask, stage_ms=prior_ms + [ms],
+        )
+
+    def _verify(self, s: _StageSession, proposal: DraftProposal, hidden: torch.Tensor):
+        g = proposal.num_candidates
+        # p after the last context token and after each candidate: g + 1 rows.
+        logits = hf.lm_head(self.model, hidden[-(g + 1) :])  # [g + 1, V]
+        p = s.params
+        target_probs = sampling.warp_logits(logits, p.temperature, p.top_k, p.top_p)
+        gen = sampling.generator_for(p.seed, sampling.STREAM_VERIFY, proposal.base)
+        policy = ACCEPTANCE.get(p.acceptance)
+        return policy(proposal.candidates, proposal.q, target_probs, p, gen)
+
+    def _session(self, session_id: str) -> _StageSession:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise KeyError(f"stage {self.model.layers} has no open session {session_id!r}") from None

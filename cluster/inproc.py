@@ -1,0 +1,153 @@
+"""The in-process backend: draft and target stages as plain objects in one process.
+
+Every message still crosses the wire codec (encoded, counted, optionally delayed by the link model,
+decoded), so the bytes reported in-process are the bytes a distributed run sends, and every run
+exercises the codec.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specmesh.actors import hf
+from specmesh.actors.draft import DraftWorker
+from specmesh.actors.models import resolve
+from specmesh.actors.stage import TargetStage
+from specmesh.runtime import codec
+from specmesh.runtime.config import SpecConfig
+from specmesh.runtime.interfaces import Backend, ModelInfo
+from specmesh.runtime.messages import OpenSession, ProposeRequest, VerifyResult
+from specmesh.runtime.traffic import TrafficMeter
+
+from . import links
+from .topology import Topology, load_topology, single_machine
+
+
+def topology_for(config: SpecConfig) -> Topology:
+    """The configured topology file, or one machine with ideal links and ``num_stages`` stages."""
+    if config.topology:
+        return load_topology(config.topology)
+    return single_machine(config.num_stages, 0.0, float("inf"), config.draft, config.target)
+
+
+def model_info(target_dir, num_layers: int) -> ModelInfo:
+    """Vocabulary, context length and end-of-sequence ids of the target in ``target_dir``."""
+    cfg = hf.load_config(target_dir)
+    eos = cfg.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    gen_eos = hf.generation_eos(target_dir)
+    return ModelInfo(
+        vocab_size=int(cfg.vocab_size), max_positions=int(cfg.max_position_embeddings),
+        num_layers=num_layers, eos_token_ids=tuple(dict.fromkeys(eos_ids + gen_eos)),
+    )
+
+
+@dataclass
+class _Hop:
+    """One directed link of the round: its name for byte accounting and its modelled spec."""
+
+    name: str
+    spec: links.LinkSpec
+    direction: str
+
+
+class _Wire:
+    """Encodes, counts, delays and decodes a message crossing one hop."""
+
+    def __init__(self, traffic: TrafficMeter, vocab_size: int, emulate_links: bool) -> None:
+        self.traffic = traffic
+        self.vocab_size = vocab_size
+        self.emulate = emulate_links
+
+    def cross(self, hop: _Hop, msg):
+        data = codec.encode(msg)
+        self.traffic.record(hop.name, hop.direction, len(data))
+        if self.emulate and not hop.spec.is_ideal:
+            links.sleep_for(hop.spec, len(data))
+        return codec.decode(data, vocab_size=self.vocab_size)
+
+
+class InprocDrafter:
+    def __init__(self, worker: DraftWorker) -> None:
+        self.worker = worker
+
+    def open(self, msg: OpenSession) -> None:
+        self.worker.open(msg)
+
+    def close(self, session_id: str) -> None:
+        self.worker.close(session_id)
+
+    def propose(self, req: ProposeRequest):
+        return self.worker.propose(req)
+
+
+class InprocTarget:
+    def __init__(self, stages: list[TargetStage], hops: list[_Hop], wire: _Wire) -> None:
+        self.stages = stages
+        self.hops = hops  # device->stage0, stage0->stage1, ..., last->device
+        self.wire = wire
+
+    def open(self, msg: OpenSession) -> None:
+        for s in self.stages:
+            s.open(msg)
+
+    def close(self, session_id: str) -> None:
+        for s in self.stages:
+            s.close(session_id)
+
+    def verify(self, proposal) -> VerifyResult:
+        msg = proposal
+        for hop, stage in zip(self.hops, self.stages):
+            msg = stage.step(self.wire.cross(hop, msg))
+        return self.wire.cross(self.hops[-1], msg)
+
+
+def round_hops(topology: Topology) -> list[_Hop]:
+    """The hops of a round with link names for accounting: ``up``, ``stage``..., ``down``."""
+    hops = topology.round_hops()
+    out = []
+    for i, (src, dst) in enumerate(hops):
+        direction = "up" if i == 0 else ("down" if i == len(hops) - 1 else "stage")
+        out.append(_Hop(f"{src}->{dst}", topology.link(src, dst), direction))
+    return out
+
+
+def build(config: SpecConfig) -> Backend:
+    """Loads the draft and the target stages in this process and wires them."""
+    topology = topology_for(config)
+    dtype = hf.resolve_dtype(config.dtype)
+    target_dir = resolve(config.target, config.cache_dir)
+    total = hf.num_layers(hf.load_config(target_dir))
+    split = topology.split_layers(total) if not config.topology else _split(topology, config, total)
+    info = model_info(target_dir, total)
+    stages = [TargetStage(hf.load_stage(target_dir, r, dtype=dtype), config.threads) for r in split]
+    drafter = None
+    tokenizer = hf.load_tokenizer(target_dir)
+    if config.draft is not None:
+        draft_dir = resolve(config.draft, config.cache_dir)
+        draft = hf.load_stage(draft_dir, dtype=dtype)
+        check_vocab(draft.vocab_size, info.vocab_size, config)
+        if hf.has_tokenizer(draft_dir) and hf.has_tokenizer(target_dir):
+            from specmesh.actors.model_store import check_same_tokenizer
+
+            check_same_tokenizer(draft_dir, target_dir)
+        drafter = InprocDrafter(DraftWorker(draft, config.threads))
+    traffic = TrafficMeter()
+    wire = _Wire(traffic, info.vocab_size, emulate_links=True)
+    target = InprocTarget(stages, round_hops(topology), wire)
+    return Backend(drafter, target, info, tokenizer, traffic)
+
+
+def _split(topology: Topology, config: SpecConfig, total: int) -> list[range]:
+    if topology.num_stages != config.num_stages and config.num_stages != SpecConfig.num_stages:
+        raise ValueError(
+            f"num_stages {config.num_stages} disagrees with the topology's {topology.num_stages} stages"
+        )
+    return topology.split_layers(total)
+
+
+def check_vocab(draft_vocab: int, target_vocab: int, config: SpecConfig) -> None:
+    if draft_vocab != target_vocab:
+        raise ValueError(
+            f"draft {config.draft!r} has a vocabulary of {draft_vocab} tokens but target "
+            f"{config.target!r} has {target_vocab}: speculative decoding needs the same vocabulary"
+        )

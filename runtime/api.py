@@ -1,0 +1,138 @@
+"""The programmatic Python API: build an engine from a :class:`SpecConfig`, generate, stream.
+
+    from specmesh.runtime import SpecConfig, SpecMesh
+    with SpecMesh(SpecConfig(target="tiny", draft="tiny-draft", dtype="float32")) as engine:
+        result = engine.generate([1, 2, 3], max_new_tokens=32)
+
+Backends are found by name and imported lazily, so that this module (and the runtime) never imports
+Ray or the model-loading code itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from .config import SpecConfig
+from .interfaces import Backend
+from .scheduler import Generation, StopRule
+from .stats import SessionStats
+
+# backend name -> "module:function" building a Backend from a SpecConfig.
+_BACKEND_BUILDERS = {
+    "inproc": "specmesh.cluster.inproc:build",
+    "local": "specmesh.cluster.ray_backend:build_local",
+    "cluster": "specmesh.cluster.ray_backend:build_cluster",
+}
+
+
+def build_backend(config: SpecConfig) -> Backend:
+    """Builds the workers named by ``config.backend`` (loading models)."""
+    module, _, func = _BACKEND_BUILDERS[config.backend].partition(":")
+    return getattr(importlib.import_module(module), func)(config)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A finished generation.
+
+    Attributes:
+        prompt_ids / output_ids: token ids.
+        text: decoded output (None without a tokenizer).
+        finish_reason: "eos", "stop", "length" or "context".
+        stats: counters, timings and bytes.
+    """
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str | None
+    finish_reason: str
+    stats: SessionStats
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """New tokens of one round (and their text when a tokenizer is known)."""
+
+    token_ids: list[int]
+    text: str | None
+
+
+class SpecMesh:
+    """A loaded engine: draft and target workers wired by the configured backend.
+
+    Args:
+        config: the engine configuration.
+        backend: an already built backend (tests, custom wiring); built from ``config`` if None.
+    """
+
+    def __init__(self, config: SpecConfig, backend: Backend | None = None) -> None:
+        self.config = config
+        self.backend = backend if backend is not None else build_backend(config)
+
+    @property
+    def tokenizer(self):
+        return self.backend.tokenizer
+
+    def generation(
+        self, prompt: str | Sequence[int], session_id: str | None = None, **overrides
+    ) -> Generation:
+        """A not-yet-started generation; ``overrides`` replace config fields for this call only
+        (e.g. ``max_new_tokens``, ``temperature``, ``seed``, ``gamma``, ``stop``)."""
+        cfg = dataclasses.replace(self.config, **overrides) if overrides else self.config
+        drafter_missing = cfg.draft is not None and self.backend.drafter is None
+        if drafter_missing:
+            raise ValueError("this engine was built without a draft; set draft=None")
+        ids = self._encode(prompt)
+        tok = self.backend.tokenizer
+        stop = StopRule(
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_ids=self.backend.info.eos_token_ids,
+            stop_strings=tuple(cfg.stop),
+            decode=(lambda t: tok.decode(t, skip_special_tokens=True)) if tok is not None else None,
+        )
+        backend = self.backend if cfg.draft is not None else dataclasses.replace(self.backend, drafter=None)
+        return Generation(
+            backend, ids, cfg.sampling_params(), stop, cfg.gamma, cfg.draft_length, session_id
+        )
+
+    def generate(self, prompt: str | Sequence[int], **overrides) -> GenerationResult:
+        """Generates to the end; see :meth:`generation` for ``overrides``."""
+        gen = self.generation(prompt, **overrides)
+        gen.run()
+        return GenerationResult(
+            gen.prompt, gen.output_ids, self._decode(gen.output_ids), gen.finish_reason, gen.stats
+        )
+
+    def stream(self, prompt: str | Sequence[int], **overrides) -> Iterator[StreamChunk]:
+        """Yields each round's new tokens as soon as they are committed."""
+        for new in self.generation(prompt, **overrides):
+            yield StreamChunk(new, self._decode(new))
+
+    def close(self) -> None:
+        """Stops every worker and releases their resources."""
+        self.backend.close()
+
+    def __enter__(self) -> "SpecMesh":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.backend.tokenizer is None:
+                raise TypeError("this model has no tokenizer: give the prompt as token ids")
+            return list(self.backend.tokenizer.encode(prompt))
+        return [int(t) for t in prompt]
+
+    def _decode(self, ids: list[int]) -> str | None:
+        tok = self.backend.tokenizer
+        return tok.decode(ids, skip_special_tokens=True) if tok is not None else None
+
+
+def generate(prompt: str | Sequence[int], config: SpecConfig | None = None, **overrides) -> GenerationResult:
+    """One-shot helper: builds an engine, generates, and closes it."""
+    with SpecMesh(config or SpecConfig()) as engine:
+        return engine.generate(prompt, **overrides)

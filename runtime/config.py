@@ -1,0 +1,103 @@
+"""The user's configuration of a SpecMesh engine: one frozen, validated dataclass."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specmesh.policies.acceptance import ACCEPTANCE
+from specmesh.policies.draft_length import DRAFT_LENGTH
+from specmesh.policies.sparsify import SPARSIFIERS
+
+from .messages import SamplingParams
+
+BACKENDS = ("inproc", "local", "cluster")
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_TARGET = "qwen2.5-coder-1.5b"
+DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Everything that defines a SpecMesh engine.
+
+    Attributes:
+        target: target model: a bundled name, a local HF directory, an HF id, or ``tiny[:...]``.
+        draft: draft model (same forms), or None for target-only decoding (the baseline).
+        num_stages: pipeline stages the target is split into (1..num_layers).
+        gamma: draft tokens per round (the starting value for adaptive draft-length policies).
+        draft_length: draft-length policy name ("fixed", "heuristic").
+        temperature: 0 = greedy; > 0 samples.
+        top_k: user top-k warper on p and q (0 = off).
+        top_p: user top-p warper on p and q, in (0, 1] (1 = off).
+        sparsifier: how q is truncated for the uplink ("top-k", "top-p", "dense").
+        sparse_k: entries per position for "top-k" (and the cap for "top-p").
+        sparse_mass: probability mass kept by "top-p", in (0, 1].
+        acceptance: acceptance policy name ("exact" is lossless).
+        max_new_tokens: generation length limit.
+        stop: strings that end generation (needs a tokenizer).
+        seed: root of every random draw; a seeded run repeats exactly.
+        dtype: model dtype ("bfloat16" on CPU; "float32" for exact-equality tests).
+        backend: "inproc" (one process), "local" (Ray on this machine), "cluster" (a Ray cluster).
+        threads: torch threads per worker (None: the process default).
+        cache_dir: model cache directory (None: $SPECMESH_CACHE or the user cache dir).
+        topology: a topology file for the Ray backends (nodes, links, stage placement).
+    """
+
+    target: str = DEFAULT_TARGET
+    draft: str | None = DEFAULT_DRAFT
+    num_stages: int = 2
+    gamma: int = 4
+    draft_length: str = "fixed"
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    sparsifier: str = "top-k"
+    sparse_k: int = 16
+    sparse_mass: float = 0.95
+    acceptance: str = "exact"
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    dtype: str = "bfloat16"
+    backend: str = "inproc"
+    threads: int | None = None
+    cache_dir: str | None = None
+    topology: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.target:
+            raise ValueError("target model must be named")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        if self.gamma < 1:
+            raise ValueError(f"gamma must be >= 1, got {self.gamma}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.sparse_k < 1:
+            raise ValueError(f"sparse_k must be >= 1, got {self.sparse_k}")
+        if not 0 < self.sparse_mass <= 1:
+            raise ValueError(f"sparse_mass must be in (0, 1], got {self.sparse_mass}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if isinstance(self.stop, str):
+            raise TypeError(f"stop must be a tuple of strings, got the string {self.stop!r}")
+        ACCEPTANCE.get(self.acceptance)
+        SPARSIFIERS.get(self.sparsifier)
+        DRAFT_LENGTH.get(self.draft_length)
+
+    def sampling_params(self) -> SamplingParams:
+        """The per-session parameters that workers receive."""
+        return SamplingParams(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+            acceptance=self.acceptance, sparsifier=self.sparsifier, sparse_k=self.sparse_k,
+            sparse_mass=self.sparse_mass,
+        )

@@ -1,0 +1,68 @@
+"""The two small interfaces through which the scheduler drives workers, whatever the backend.
+
+In-process, a handle is the message object itself; on Ray it is an ``ObjectRef`` that flows from the
+draft actor to the first stage without passing through the driver.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from .messages import DraftProposal, OpenSession, ProposeRequest, VerifyResult
+from .traffic import TrafficMeter
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the scheduler must know of the target model.
+
+    Attributes:
+        vocab_size: vocabulary of p (the draft's must be equal).
+        max_positions: context length.
+        num_layers: decoder layers of the target.
+        eos_token_ids: tokens that end generation.
+    """
+
+    vocab_size: int
+    max_positions: int
+    num_layers: int
+    eos_token_ids: tuple[int, ...] = ()
+
+
+class Drafter(Protocol):
+    def open(self, msg: OpenSession) -> None: ...
+
+    def close(self, session_id: str) -> None: ...
+
+    def propose(self, req: ProposeRequest) -> Any:
+        """Starts drafting a round; returns a handle to its :class:`DraftProposal`."""
+
+
+class Target(Protocol):
+    def open(self, msg: OpenSession) -> None: ...
+
+    def close(self, session_id: str) -> None: ...
+
+    def verify(self, proposal: Any) -> VerifyResult:
+        """Runs a proposal (or a handle to one) through every stage; returns the verdict."""
+
+
+@dataclass
+class Backend:
+    """A wired pipeline: the draft (None for target-only), the target stages, and model facts.
+
+    Attributes:
+        drafter: the draft side, or None when no draft model is configured.
+        target: the target pipeline.
+        info: facts about the target model.
+        tokenizer: a Hugging Face tokenizer, or None (tiny models: prompts are token ids).
+        traffic: bytes per link and direction, filled by the backend.
+        close: releases every worker and process.
+    """
+
+    drafter: Drafter | None
+    target: Target
+    info: ModelInfo
+    tokenizer: Any = None
+    traffic: TrafficMeter = field(default_factory=TrafficMeter)
+    close: Callable[[], None] = lambda: None

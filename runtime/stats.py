@@ -1,0 +1,104 @@
+"""Per-session statistics, following vLLM's spec-decode metrics.
+
+Mean accepted length counts the bonus/correction token: a round that accepts ``a`` of ``g`` draft
+tokens commits ``a + 1`` tokens, so target-only decoding has mean accepted length exactly 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round: what was drafted, what was kept, where the time went (milliseconds)."""
+
+    round: int
+    gamma: int
+    accepted: int
+    committed: int
+    wall_ms: float
+    stage_ms: tuple[float, ...] = ()
+
+
+@dataclass
+class SessionStats:
+    """Counters of one generation.
+
+    Attributes:
+        prompt_tokens / generated_tokens: lengths.
+        rounds: verification rounds (one target pass each).
+        drafted / accepted: draft tokens proposed / accepted.
+        position_tried / position_accepted: per draft position i (0-based), rounds that tested it and
+            rounds that accepted it.
+        wall_s: wall time of the whole generation.
+        bytes_up / bytes_down: bytes that crossed device->edge / edge->device links.
+        bytes_between_stages: bytes between target stages.
+        records: every round.
+    """
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    position_tried: list[int] = field(default_factory=list)
+    position_accepted: list[int] = field(default_factory=list)
+    wall_s: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    bytes_between_stages: int = 0
+    records: list[RoundRecord] = field(default_factory=list)
+
+    def add_round(self, record: RoundRecord, accepted_mask: list[bool]) -> None:
+        self.rounds += 1
+        self.drafted += record.gamma
+        self.accepted += record.accepted
+        self.generated_tokens += record.committed
+        for i, ok in enumerate(accepted_mask):
+            while len(self.position_tried) <= i:
+                self.position_tried.append(0)
+                self.position_accepted.append(0)
+            # A position was tested when every earlier one was accepted.
+            if i == 0 or accepted_mask[i - 1]:
+                self.position_tried[i] += 1
+                self.position_accepted[i] += int(ok)
+        self.records.append(record)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / drafted draft tokens (0 when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens committed per round, counting the bonus/correction token."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        return [a / t if t else 0.0 for a, t in zip(self.position_accepted, self.position_tried)]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def bytes_up_per_token(self) -> float:
+        return self.bytes_up / self.generated_tokens if self.generated_tokens else 0.0
+
+    @property
+    def bytes_down_per_token(self) -> float:
+        return self.bytes_down / self.generated_tokens if self.generated_tokens else 0.0
+
+    def summary(self) -> dict[str, float]:
+        """The headline figures, for printing and JSON."""
+        return {
+            "generated_tokens": self.generated_tokens,
+            "rounds": self.rounds,
+            "wall_s": round(self.wall_s, 4),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted_length": round(self.mean_accepted_length, 4),
+            "bytes_up_per_token": round(self.bytes_up_per_token, 1),
+            "bytes_down_per_token": round(self.bytes_down_per_token, 1),
+        }

@@ -1,0 +1,150 @@
+"""End to end on tiny random models, in process: split equals unsplit, speculative equals target-only."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from specmesh.actors import hf, tiny
+from specmesh.runtime import SpecConfig, SpecMesh
+
+torch.set_num_threads(1)
+TARGET = "tiny"
+DRAFT = "tiny-draft"  # the target's weights + noise: agrees with it about half the time
+PROMPT = [5, 17, 42, 99, 3, 250, 7, 7, 128, 64]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("models"))
+
+
+def _config(cache, **kw) -> SpecConfig:
+    base = dict(target=TARGET, draft=DRAFT, dtype="float32", cache_dir=cache, max_new_tokens=40)
+    return SpecConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 3, 4])
+def test_split_target_logits_equal_unsplit(cache, num_stages):
+    path = tiny.materialise(TARGET, cache)
+    ids = torch.tensor(PROMPT)
+    pos = torch.arange(len(PROMPT))
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        want = reference(ids.view(1, -1)).logits[0]
+    total = hf.num_layers(hf.load_config(path))
+    bounds = torch.linspace(0, total, num_stages + 1).round().long().tolist()
+    hidden = None
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        stage = hf.load_stage(path, range(a, b), dtype=torch.float32)
+        kw = {"input_ids": ids} if stage.is_first else {"hidden": hidden}
+        hidden = hf.forward(stage, stage.new_cache(), position_ids=pos, **kw)
+    assert torch.equal(hf.lm_head(stage, hidden), want)
+
+
+@pytest.fixture(scope="module")
+def engines(cache):
+    built = {n: SpecMesh(_config(cache, num_stages=n)) for n in (1, 2, 3)}
+    yield built
+    for e in built.values():
+        e.close()
+
+
+def test_target_only_equals_transformers_greedy(cache, engines):
+    path = tiny.materialise(TARGET, cache)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    out = model.generate(
+        torch.tensor([PROMPT]), max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, len(PROMPT) :].tolist()
+    got = engines[2].generate(PROMPT, draft=None)
+    assert got.output_ids == out
+    assert got.stats.mean_accepted_length == 1.0 and got.stats.drafted == 0
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 3])
+def test_greedy_speculative_equals_target_only(engines, num_stages):
+    engine = engines[num_stages]
+    reference = engine.generate(PROMPT, draft=None).output_ids
+    for gamma in range(1, 7):
+        result = engine.generate(PROMPT, gamma=gamma)
+        assert result.output_ids == reference, f"gamma {gamma}"
+        s = result.stats
+        assert 0 < s.accepted < s.drafted, "the noisy draft must be partly right and partly wrong"
+        assert s.rounds < len(reference)
+
+
+def test_sampling_with_a_seed_repeats_exactly(engines):
+    engine = engines[2]
+    a = engine.generate(PROMPT, temperature=1.0, seed=11)
+    b = engine.generate(PROMPT, temperature=1.0, seed=11)
+    c = engine.generate(PROMPT, temperature=1.0, seed=12)
+    assert a.output_ids == b.output_ids
+    assert a.output_ids != c.output_ids
+    assert a.stats.accepted > 0
+
+
+def test_streaming_yields_the_same_tokens(engines):
+    engine = engines[2]
+    chunks = list(engine.stream(PROMPT, gamma=3))
+    assert [t for c in chunks for t in c.token_ids] == engine.generate(PROMPT, gamma=3).output_ids
+    assert all(1 <= len(c.token_ids) <= 4 for c in chunks)
+
+
+def test_stats_and_bytes(engines):
+    result = engines[2].generate(PROMPT, gamma=4, sparse_k=8)
+    s = result.stats
+    assert s.generated_tokens == 40 and result.finish_reason == "length"
+    assert s.mean_accepted_length == pytest.approx(40 / s.rounds, abs=1 / s.rounds)
+    assert s.bytes_up > 0 and s.bytes_down > 0 and s.bytes_between_stages > 0
+    assert len(s.per_position_acceptance) == 4
+    assert s.position_tried[0] == sum(1 for r in s.records if r.gamma > 0)  # every drafted round tests 0
+
+
+def test_eos_stops_generation(engines):
+    engine = engines[1]
+    ref = engine.generate(PROMPT, draft=None).output_ids
+    eos = ref[5]
+    engine.backend.info = type(engine.backend.info)(**{**engine.backend.info.__dict__, "eos_token_ids": (eos,)})
+    try:
+        out = engine.generate(PROMPT, gamma=4)
+    finally:
+        engine.backend.info = type(engine.backend.info)(**{**engine.backend.info.__dict__, "eos_token_ids": ()})
+    assert out.finish_reason == "eos" and out.output_ids == ref[: ref.index(eos) + 1]
+
+
+# ---------- bad input: clear errors naming the value ----------
+
+def test_config_errors_name_the_value():
+    for kw, msg in [
+        (dict(gamma=0), "gamma must be >= 1, got 0"),
+        (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+        (dict(acceptance="magic"), "unknown acceptance policy 'magic'"),
+        (dict(sparsifier="zip"), "unknown sparsifier 'zip'"),
+        (dict(backend="gpu"), "backend must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            SpecConfig(target=TARGET, **kw)
+
+
+def test_more_stages_than_layers(cache):
+    with pytest.raises(ValueError, match="5 stages but the target has 4 layers"):
+        SpecMesh(_config(cache, num_stages=5))
+
+
+def test_vocabularies_differ(cache):
+    with pytest.raises(ValueError, match="vocabulary of 128 tokens but target 'tiny' has 256"):
+        SpecMesh(_config(cache, draft="tiny-draft:vocab=128"))
+
+
+def test_prompt_errors(engines):
+    engine = engines[1]
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.generate([])
+    with pytest.raises(ValueError, match="the prompt has 600 tokens; the context holds 512"):
+        engine.generate([1] * 600)
+    with pytest.raises(ValueError, match=r"prompt token ids \[256\] outside the vocabulary"):
+        engine.generate([1, 256])
+    with pytest.raises(TypeError, match="no tokenizer"):
+        engine.generate("hello")
