@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from specmesh.policies.sparsify import sparsify
-from specmesh.runtime import sampling
+from specmesh.runtime import codec, sampling
 from specmesh.runtime.messages import DraftProposal, OpenSession, ProposeRequest, SamplingParams
-from specmesh.runtime.sparse import SparseDist, at_wire_precision
+from specmesh.runtime.sparse import SparseDist
 
 from . import hf
 
@@ -101,7 +101,7 @@ class DraftWorker:
             probs = sampling.warp_logits(
                 logits.view(1, -1), s.params.temperature, s.params.top_k, s.params.top_p
             )  # [1, V]
-            q = at_wire_precision(sparsify(probs, s.params))  # exactly what the verifier will hold
+            q = codec.quantise_sparse(sparsify(probs, s.params))  # exactly what the verifier holds
             position = len(committed) + i
             gen = sampling.generator_for(s.params.seed, sampling.STREAM_DRAFT, position)
             j = int(sampling.sample(q.probs, gen)[0])

@@ -16,17 +16,35 @@ from specmesh.runtime import codec
 from specmesh.runtime.config import SpecConfig
 from specmesh.runtime.interfaces import Backend, ModelInfo
 from specmesh.runtime.messages import OpenSession, ProposeRequest, VerifyResult
-from specmesh.runtime.traffic import TrafficMeter
+from specmesh.runtime.traffic import DOWNLINK, UPLINK, TrafficMeter
 
 from . import links
 from .topology import Topology, load_topology, single_machine
 
 
 def topology_for(config: SpecConfig) -> Topology:
-    """The configured topology file, or one machine with ideal links and ``num_stages`` stages."""
-    if config.topology:
-        return load_topology(config.topology)
-    return single_machine(config.num_stages, 0.0, float("inf"), config.draft, config.target)
+    """The configured topology file, or one machine with ideal links and ``num_stages`` stages.
+
+    The file places the stages; the config names the models (``config_from_topology`` copies the
+    file's models into a config).
+    """
+    if not config.topology:
+        return single_machine(config.num_stages, 0.0, float("inf"), config.draft, config.target)
+    topology = load_topology(config.topology)
+    if topology.num_stages != config.num_stages:
+        raise ValueError(
+            f"num_stages {config.num_stages} disagrees with the {topology.num_stages} stages of "
+            f"topology {config.topology}"
+        )
+    return topology
+
+
+def config_from_topology(path: str, **overrides) -> SpecConfig:
+    """A config whose models and stage count come from the topology file at ``path``."""
+    topology = load_topology(path)
+    base = dict(target=topology.models.target, draft=topology.models.draft,
+                num_stages=topology.num_stages, topology=str(path))
+    return SpecConfig(**{**base, **overrides})
 
 
 def model_info(target_dir, num_layers: int) -> ModelInfo:
@@ -43,7 +61,7 @@ def model_info(target_dir, num_layers: int) -> ModelInfo:
 
 @dataclass
 class _Hop:
-    """One directed link of the round: its name for byte accounting and its modelled spec."""
+    """One directed link of the round: its name for byte accounting and its (emulated) spec."""
 
     name: str
     spec: links.LinkSpec
@@ -53,16 +71,14 @@ class _Hop:
 class _Wire:
     """Encodes, counts, delays and decodes a message crossing one hop."""
 
-    def __init__(self, traffic: TrafficMeter, vocab_size: int, emulate_links: bool) -> None:
+    def __init__(self, traffic: TrafficMeter, vocab_size: int) -> None:
         self.traffic = traffic
         self.vocab_size = vocab_size
-        self.emulate = emulate_links
 
     def cross(self, hop: _Hop, msg):
         data = codec.encode(msg)
         self.traffic.record(hop.name, hop.direction, len(data))
-        if self.emulate and not hop.spec.is_ideal:
-            links.sleep_for(hop.spec, len(data))
+        links.sleep_for(hop.spec, len(data))
         return codec.decode(data, vocab_size=self.vocab_size)
 
 
@@ -102,13 +118,13 @@ class InprocTarget:
 
 
 def round_hops(topology: Topology) -> list[_Hop]:
-    """The hops of a round with link names for accounting: ``up``, ``stage``..., ``down``."""
+    """The hops of a round, named ``src->dst`` for accounting: away from the device is uplink
+    (device -> stage 0 -> ... -> last stage), the verdict's way back is downlink."""
     hops = topology.round_hops()
-    out = []
-    for i, (src, dst) in enumerate(hops):
-        direction = "up" if i == 0 else ("down" if i == len(hops) - 1 else "stage")
-        out.append(_Hop(f"{src}->{dst}", topology.link(src, dst), direction))
-    return out
+    return [
+        _Hop(f"{src}->{dst}", topology.link(src, dst), DOWNLINK if i == len(hops) - 1 else UPLINK)
+        for i, (src, dst) in enumerate(hops)
+    ]
 
 
 def build(config: SpecConfig) -> Backend:
@@ -117,7 +133,7 @@ def build(config: SpecConfig) -> Backend:
     dtype = hf.resolve_dtype(config.dtype)
     target_dir = resolve(config.target, config.cache_dir)
     total = hf.num_layers(hf.load_config(target_dir))
-    split = topology.split_layers(total) if not config.topology else _split(topology, config, total)
+    split = topology.split_layers(total)
     info = model_info(target_dir, total)
     stages = [TargetStage(hf.load_stage(target_dir, r, dtype=dtype), config.threads) for r in split]
     drafter = None
@@ -132,17 +148,12 @@ def build(config: SpecConfig) -> Backend:
             check_same_tokenizer(draft_dir, target_dir)
         drafter = InprocDrafter(DraftWorker(draft, config.threads))
     traffic = TrafficMeter()
-    wire = _Wire(traffic, info.vocab_size, emulate_links=True)
-    target = InprocTarget(stages, round_hops(topology), wire)
-    return Backend(drafter, target, info, tokenizer, traffic)
-
-
-def _split(topology: Topology, config: SpecConfig, total: int) -> list[range]:
-    if topology.num_stages != config.num_stages and config.num_stages != SpecConfig.num_stages:
-        raise ValueError(
-            f"num_stages {config.num_stages} disagrees with the topology's {topology.num_stages} stages"
-        )
-    return topology.split_layers(total)
+    hops = [
+        _Hop(h.name, links.emulated(h.spec, topology.emulate, real_network=False), h.direction)
+        for h in round_hops(topology)
+    ]
+    target = InprocTarget(stages, hops, _Wire(traffic, info.vocab_size))
+    return Backend(drafter, target, info, tokenizer, traffic, device_links=(hops[0].name, hops[-1].name))
 
 
 def check_vocab(draft_vocab: int, target_vocab: int, config: SpecConfig) -> None:

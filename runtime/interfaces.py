@@ -56,8 +56,11 @@ class Backend:
         target: the target pipeline.
         info: facts about the target model.
         tokenizer: a Hugging Face tokenizer, or None (tiny models: prompts are token ids).
-        traffic: bytes per link and direction, filled by the backend.
+        traffic: bytes per link and direction, filled by the backend (``snapshot()`` sums them).
+        device_links: names of the links between the device and the target (the radio uplink and
+            downlink); the other links are between stages.
         close: releases every worker and process.
+        workers: where each worker runs (node, pid, threads), for reports; may be empty.
     """
 
     drafter: Drafter | None
@@ -65,4 +68,6 @@ class Backend:
     info: ModelInfo
     tokenizer: Any = None
     traffic: TrafficMeter = field(default_factory=TrafficMeter)
+    device_links: tuple[str, ...] = ()
     close: Callable[[], None] = lambda: None
+    workers: list[dict] = field(default_factory=list)

@@ -20,6 +20,7 @@ from .interfaces import Backend
 from .messages import DraftProposal, OpenSession, ProposeRequest, SamplingParams, VerifyResult
 from .sparse import SparseDist
 from .stats import RoundRecord, SessionStats
+from .traffic import DOWNLINK, UPLINK, TrafficSnapshot
 
 # Tokens decoded around each new token when looking for a stop string.
 _STOP_WINDOW = 16
@@ -107,17 +108,25 @@ class Generation:
         opened = OpenSession(self.session_id, self.params)
         for w in workers:
             w.open(opened)
-        up0, down0, mid0 = b.traffic.totals()
+        before = b.traffic.snapshot()
         t_start = time.perf_counter()
         try:
             yield from self._rounds()
         finally:
             self.stats.wall_s = time.perf_counter() - t_start
-            up, down, mid = b.traffic.totals()
-            self.stats.bytes_up, self.stats.bytes_down = up - up0, down - down0
-            self.stats.bytes_between_stages = mid - mid0
+            self._count_bytes(before, b.traffic.snapshot())
             for w in workers:
                 w.close(self.session_id)
+
+    def _count_bytes(self, before: TrafficSnapshot, after: TrafficSnapshot) -> None:
+        device = self.backend.device_links
+
+        def delta(direction, links=None):
+            return after.total(direction, links).bytes - before.total(direction, links).bytes
+
+        self.stats.bytes_up = delta(UPLINK, device)
+        self.stats.bytes_down = delta(DOWNLINK, device)
+        self.stats.bytes_between_stages = delta(None) - self.stats.bytes_up - self.stats.bytes_down
 
     def run(self) -> list[int]:
         """Runs to the end; returns the generated token ids."""

@@ -141,19 +141,6 @@ def _renormalise(vals: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, vals / total.clamp_min(1e-30), fallback).contiguous()
 
 
-# Probabilities cross the wire as float16 (TK-SLT sends K values + K indices per position).
-WIRE_PROB_DTYPE = torch.float16
-
-
-def at_wire_precision(dist: SparseDist) -> SparseDist:
-    """The distribution exactly as a receiver decodes it: probabilities rounded to float16.
-
-    Rows are *not* renormalised (that would not survive a second encode): both sides treat a row as
-    weights and normalise by its sum, so the draft samples from exactly the q that the verifier uses.
-    """
-    probs = dist.probs.to(WIRE_PROB_DTYPE).float()
-    return SparseDist(dist.indices, probs, dist.vocab_size)
-
 
 def normalised(dist: SparseDist) -> SparseDist:
     """Rows divided by their sums (a row of float16-rounded weights becomes a distribution)."""

@@ -88,7 +88,7 @@ def verify_exact(
             f"shape mismatch: {gamma} draft tokens, {draft_q.num_positions} q rows, "
             f"{target_probs.shape[0]} p rows (want gamma + 1)"
         )
-    # q rows may be float16-rounded weights (see sparse.at_wire_precision): use them normalised.
+    # Rows that crossed the wire sum to 1 up to rounding; normalise so any q in is a distribution.
     draft_q = normalised(draft_q)
     p_x = target_probs[torch.arange(gamma), draft_tokens].float()  # [gamma]
     q_x = draft_q.prob_of(draft_tokens)  # [gamma]

@@ -8,7 +8,8 @@ import torch
 
 from specmesh.runtime import sparse
 from specmesh.runtime.sampling import generator_for, sample, warp_logits
-from specmesh.runtime.sparse import SparseDist, at_wire_precision
+from specmesh.runtime.codec import quantise_sparse
+from specmesh.runtime.sparse import SparseDist
 from specmesh.runtime.verify import residual, verify_exact, verify_greedy
 
 torch.set_num_threads(1)
@@ -118,7 +119,7 @@ def test_first_token_distribution_is_p(truncate):
         "dense": lambda: sparse.dense(qd),
         "top-k": lambda: sparse.top_k(qd, 3),
         "top-p": lambda: sparse.top_p(qd, 0.7),
-        "wire": lambda: at_wire_precision(sparse.top_k(qd, 4)),
+        "wire": lambda: quantise_sparse(sparse.top_k(qd, 4)),
     }
     q = make[truncate]()
     n = 6000
