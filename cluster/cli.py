@@ -57,6 +57,7 @@ def _config(
 def run(
     prompt: Optional[str] = typer.Option(None, help="Prompt text."),
     prompt_file: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Read the prompt from a file."),
+    prompt_ids: Optional[str] = typer.Option(None, help="Prompt as comma-separated token ids (models without a tokenizer)."),
     topology: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                             help="Topology TOML: nodes, links, stage placement, models."),
     backend: str = typer.Option("inproc", help="inproc (one process) | local (Ray on this machine) | cluster (a Ray cluster)."),
@@ -77,9 +78,16 @@ def run(
     compare: bool = typer.Option(False, help="Also run target-only decoding on the same pipeline and print the speedup."),
 ) -> None:
     """Generate from one prompt, streaming the tokens, then print speed and bytes."""
-    if (prompt is None) == (prompt_file is None):
-        raise typer.BadParameter("give exactly one of --prompt or --prompt-file")
-    text = prompt if prompt is not None else prompt_file.read_text()
+    given = [x for x in (prompt, prompt_file, prompt_ids) if x is not None]
+    if len(given) != 1:
+        raise typer.BadParameter("give exactly one of --prompt, --prompt-file or --prompt-ids")
+    if prompt_ids is not None:
+        try:
+            text = [int(t) for t in prompt_ids.split(",")]
+        except ValueError:
+            raise typer.BadParameter(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
+    else:
+        text = prompt if prompt is not None else prompt_file.read_text()
     cfg = _config(topology, target, draft, no_draft, backend=backend, num_stages=stages, gamma=gamma,
                   draft_length=draft_length, temperature=temperature, top_p=top_p, sparsifier=sparsifier,
                   sparse_k=sparse_k, max_new_tokens=max_new_tokens, seed=seed, dtype=dtype, threads=threads)
