@@ -65,9 +65,8 @@ class DraftWorker:
         s.committed = s.committed[: req.start] + list(req.tokens)
         s.last_round = req.round
         t0 = time.perf_counter()
-        candidates, q = self._draft(s, req.gamma) if req.gamma > 0 else ([], None)
+        candidates, parents, q = self._draft(s, req.gamma, req.width)
         self.last_draft_ms = (time.perf_counter() - t0) * 1e3
-        q = q if q is not None else SparseDist.empty(self.vocab_size)
         return DraftProposal(
             session_id=req.session_id,
             round=req.round,
@@ -75,6 +74,8 @@ class DraftWorker:
             context=s.committed[req.target_rollback :],
             candidates=torch.tensor(candidates, dtype=torch.int64),
             q=q,
+            parents=parents if req.width > 1 else [],
+            prev_path=list(req.prev_path),
         )
 
     def _session(self, session_id: str) -> _DraftSession:
@@ -83,7 +84,15 @@ class DraftWorker:
         except KeyError:
             raise KeyError(f"draft worker has no open session {session_id!r}") from None
 
-    def _draft(self, s: _DraftSession, gamma: int) -> tuple[list[int], SparseDist]:
+    def _draft(
+        self, s: _DraftSession, gamma: int, width: int
+    ) -> tuple[list[int], list[int], SparseDist]:
+        """Drafts ``gamma`` depths of ``width`` siblings; extends the first sibling of each depth.
+
+        Returns candidate tokens, their tree parents and the q row each was drawn from.
+        """
+        if gamma == 0:
+            return [], [], SparseDist.empty(self.vocab_size)
         committed = s.committed
         # Keep the longest cached prefix that is still committed, but always re-feed at least the
         # last committed token: its logits give the first draft.
@@ -95,22 +104,52 @@ class DraftWorker:
         s.cached = s.cached[:keep]
         feed = committed[keep:]
         tokens: list[int] = []
+        parents: list[int] = []
         rows: list[SparseDist] = []
-        for i in range(gamma):
+        main = -1  # the candidate the next depth hangs from (-1: the last context token)
+        for depth in range(gamma):
             logits = self._forward(s, feed)  # [vocab]
-            probs = sampling.warp_logits(
-                logits.view(1, -1), s.params.temperature, s.params.top_k, s.params.top_p
-            )  # [1, V]
-            q = codec.quantise_sparse(sparsify(probs, s.params))  # exactly what the verifier holds
-            position = len(committed) + i
-            gen = sampling.generator_for(s.params.seed, sampling.STREAM_DRAFT, position)
+            gen = sampling.generator_for(s.params.seed, sampling.STREAM_DRAFT, len(committed) + depth)
+            picks, q_rows = self._siblings(s.params, logits, width, gen)
+            first = len(tokens)
+            tokens.extend(picks)
+            parents.extend([main] * len(picks))
+            rows.append(q_rows)
+            main = first
+            feed = [picks[0]]  # the last depth is never fed: its logits are not needed
+            if depth == gamma - 1:
+                break
+        return tokens, parents, SparseDist.concat(rows)
+
+    def _siblings(
+        self, params: SamplingParams, logits: torch.Tensor, width: int, gen: torch.Generator
+    ) -> tuple[list[int], SparseDist]:
+        """Samples ``width`` siblings from the sparsified q, without replacement.
+
+        Row ``j`` is the distribution sibling ``j`` was drawn from (q with the earlier siblings
+        removed, renormalised), each exactly as it will decode at the verifier: the contract that
+        keeps multi-candidate verification lossless (see ``runtime/tree.py``). At temperature 0 the
+        verifier compares with its argmax only: siblings are the draft's top tokens, each shipped
+        with a one-entry q (the fewest bytes the wire accepts).
+        """
+        if params.temperature == 0:
+            top = torch.topk(logits, min(width, logits.numel())).indices  # [width]
+            ones = torch.ones(top.numel(), 1)
+            return top.tolist(), SparseDist(top.view(-1, 1), ones, self.vocab_size)
+        probs = sampling.warp_logits(logits.view(1, -1), params.temperature, params.top_k, params.top_p)
+        q = codec.quantise_sparse(sparsify(probs, params))  # [1, k]
+        picks: list[int] = []
+        rows: list[SparseDist] = []
+        for _ in range(width):
             j = int(sampling.sample(q.probs, gen)[0])
-            tokens.append(int(q.indices[0, j]))
+            picks.append(int(q.indices[0, j]))
             rows.append(q)
-            feed = [tokens[-1]]
-            if i == gamma - 1:
-                break  # the last draft token is never fed: its logits are not needed
-        return tokens, SparseDist.concat(rows)
+            rest = q.probs.clone()
+            rest[0, j] = 0.0
+            if float(rest.sum()) <= 0:
+                break  # q's support is exhausted
+            q = codec.quantise_sparse(SparseDist(q.indices, rest / rest.sum(), q.vocab_size))
+        return picks, SparseDist.concat(rows)
 
     def _forward(self, s: _DraftSession, feed: list[int]) -> torch.Tensor:
         start = len(s.cached)

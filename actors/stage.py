@@ -15,6 +15,7 @@ import torch
 from specmesh.policies.acceptance import ACCEPTANCE
 from specmesh.runtime import sampling
 from specmesh.runtime.messages import DraftProposal, OpenSession, SamplingParams, StageFrame, VerifyResult
+from specmesh.runtime.tree import TokenTree, accepted_slots, tree_attention_mask, tree_position_ids
 
 from . import hf
 
@@ -24,6 +25,9 @@ class _StageSession:
     params: SamplingParams
     cache: object
     last_round: int = 0
+    # (rollback, context length) of the last round when it fed a tree: the next message's prev_path
+    # says which of its candidates to keep.
+    tree_layout: tuple[int, int] | None = None
 
 
 class TargetStage:
@@ -64,18 +68,15 @@ class TargetStage:
             )
         if not proposal.context:
             raise ValueError("a round must carry at least one uncached context token")
-        if proposal.parents:
-            raise NotImplementedError("token trees arrive with the DSD issue; send a chain")
         s.last_round = proposal.round
         t0 = time.perf_counter()
-        hf.truncate_cache(s.cache, proposal.rollback)
-        fed = len(proposal.context) + proposal.num_candidates
-        positions = torch.arange(proposal.rollback, proposal.rollback + fed)  # [fed]
+        self._rollback(s, proposal)
+        positions, mask = self._layout(proposal)
         if self.model.is_first:
             ids = torch.cat([torch.tensor(proposal.context, dtype=torch.int64), proposal.candidates])
-            hidden = hf.forward(self.model, s.cache, input_ids=ids, position_ids=positions)
+            hidden = hf.forward(self.model, s.cache, input_ids=ids, position_ids=positions, attention_mask=mask)
         else:
-            hidden = hf.forward(self.model, s.cache, hidden=msg.hidden, position_ids=positions)
+            hidden = hf.forward(self.model, s.cache, hidden=msg.hidden, position_ids=positions, attention_mask=mask)
         prior_ms = [] if isinstance(msg, DraftProposal) else list(msg.stage_ms)
         if not self.model.is_last:
             ms = (time.perf_counter() - t0) * 1e3
@@ -84,8 +85,33 @@ class TargetStage:
         ms = (time.perf_counter() - t0) * 1e3
         return VerifyResult(
             session_id=proposal.session_id, round=proposal.round, accepted=verdict.accepted,
-            tokens=verdict.tokens, accepted_mask=verdict.accepted_mask, stage_ms=prior_ms + [ms],
+            tokens=verdict.tokens, accepted_mask=verdict.accepted_mask,
+            path=list(getattr(verdict, "path", [])) if proposal.parents else [],
+            stage_ms=prior_ms + [ms],
         )
+
+    def _rollback(self, s: _StageSession, proposal: DraftProposal) -> None:
+        """Keeps the committed prefix: the accepted path of a tree round, then ``rollback`` positions."""
+        if s.tree_layout is not None:
+            cached, context = s.tree_layout
+            slots = accepted_slots(proposal.prev_path, num_cached=cached, num_context=context)
+            if int(slots.numel()) < proposal.rollback:
+                raise ValueError(
+                    f"rollback {proposal.rollback} beyond the {int(slots.numel())} positions the "
+                    f"accepted path {proposal.prev_path} keeps"
+                )
+            hf.select_cache_positions(s.cache, slots)
+        hf.truncate_cache(s.cache, proposal.rollback)
+        s.tree_layout = (proposal.rollback, len(proposal.context)) if proposal.parents else None
+
+    @staticmethod
+    def _layout(proposal: DraftProposal) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions ``[fed]`` of the fed tokens, and the tree mask (None for a chain: causal)."""
+        if not proposal.parents:
+            fed = len(proposal.context) + proposal.num_candidates
+            return torch.arange(proposal.rollback, proposal.rollback + fed), None
+        kw = dict(num_cached=proposal.rollback, num_context=len(proposal.context))
+        return tree_position_ids(proposal.parents, **kw)[0], tree_attention_mask(proposal.parents, **kw)
 
     def _verify(self, s: _StageSession, proposal: DraftProposal, hidden: torch.Tensor):
         g = proposal.num_candidates
@@ -95,7 +121,8 @@ class TargetStage:
         target_probs = sampling.warp_logits(logits, p.temperature, p.top_k, p.top_p)
         gen = sampling.generator_for(p.seed, sampling.STREAM_VERIFY, proposal.base)
         policy = ACCEPTANCE.get(p.acceptance)
-        return policy(proposal.candidates, proposal.q, target_probs, p, gen)
+        tree = TokenTree(proposal.candidates, proposal.parents) if proposal.parents else TokenTree.chain(proposal.candidates)
+        return policy(tree, proposal.q, target_probs, p, gen)
 
     def _session(self, session_id: str) -> _StageSession:
         try:

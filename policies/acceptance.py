@@ -12,12 +12,15 @@ import torch
 
 from specmesh.runtime.messages import SamplingParams
 from specmesh.runtime.sparse import SparseDist
+from specmesh.runtime.tree import TokenTree, verify_tree_exact, verify_tree_greedy
 from specmesh.runtime.verify import Verdict, verify_exact, verify_greedy
 
 from .registry import Registry
 
-# (draft_tokens [g], draft_q (g rows), target_probs [g + 1, V], params, generator) -> Verdict
-AcceptancePolicy = Callable[[torch.Tensor, SparseDist, torch.Tensor, SamplingParams, torch.Generator], Verdict]
+# (candidates as a tree, draft_q (g rows), target_probs [g + 1, V], params, generator) -> Verdict
+# (a TreeVerdict, with ``path``, for a tree). Row 0 of p follows the last context token, row 1 + i
+# follows candidate i.
+AcceptancePolicy = Callable[[TokenTree, SparseDist, torch.Tensor, SamplingParams, torch.Generator], Verdict]
 ACCEPTANCE: Registry[AcceptancePolicy] = Registry("acceptance policy")
 
 LOSSLESS = {"exact"}
@@ -25,9 +28,14 @@ LOSSLESS = {"exact"}
 
 @ACCEPTANCE.register("exact")
 def _exact(
-    draft_tokens: torch.Tensor, draft_q: SparseDist, target_probs: torch.Tensor,
+    tree: TokenTree, draft_q: SparseDist, target_probs: torch.Tensor,
     params: SamplingParams, generator: torch.Generator,
 ) -> Verdict:
+    """Lossless: greedy at temperature 0, exact (multi-candidate) rejection sampling otherwise."""
+    if tree.is_chain:
+        if params.temperature == 0:
+            return verify_greedy(tree.tokens, target_probs)
+        return verify_exact(tree.tokens, draft_q, target_probs, generator)
     if params.temperature == 0:
-        return verify_greedy(draft_tokens, target_probs)
-    return verify_exact(draft_tokens, draft_q, target_probs, generator)
+        return verify_tree_greedy(tree, target_probs)
+    return verify_tree_exact(tree, draft_q, target_probs, generator)

@@ -94,7 +94,8 @@ class SpecMesh:
         )
         backend = self.backend if cfg.draft is not None else dataclasses.replace(self.backend, drafter=None)
         return Generation(
-            backend, ids, cfg.sampling_params(), stop, cfg.gamma, cfg.draft_length, session_id
+            backend, ids, cfg.sampling_params(), stop, cfg.gamma, cfg.draft_length, session_id,
+            cfg.tree_width,
         )
 
     def generate(self, prompt: str | Sequence[int], **overrides) -> GenerationResult:

@@ -23,7 +23,9 @@ class SpecConfig:
         target: target model: a bundled name, a local HF directory, an HF id, or ``tiny[:...]``.
         draft: draft model (same forms), or None for target-only decoding (the baseline).
         num_stages: pipeline stages the target is split into (1..num_layers).
-        gamma: draft tokens per round (the starting value for adaptive draft-length policies).
+        gamma: draft depth per round (the starting value for adaptive draft-length policies).
+        tree_width: candidates per depth: 1 = a chain; c > 1 = a token tree of c siblings per depth
+            (sampled without replacement; the first is extended), verified all at once (DSD).
         draft_length: draft-length policy name ("fixed", "heuristic").
         temperature: 0 = greedy; > 0 samples.
         top_k: user top-k warper on p and q (0 = off).
@@ -46,6 +48,7 @@ class SpecConfig:
     draft: str | None = DEFAULT_DRAFT
     num_stages: int = 2
     gamma: int = 4
+    tree_width: int = 1
     draft_length: str = "fixed"
     temperature: float = 0.0
     top_k: int = 0
@@ -70,6 +73,8 @@ class SpecConfig:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
         if self.gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {self.gamma}")
+        if self.tree_width < 1:
+            raise ValueError(f"tree_width must be >= 1, got {self.tree_width}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

@@ -63,7 +63,8 @@ class DraftProposal:
             ``base + depth`` (tree); ``base = rollback + len(context)``.
         parents: tree parent of each candidate (index into ``candidates``, -1 = the last context
             token); empty for a chain.
-        q: the sparse distribution each candidate was sampled from (``g`` rows).
+        q: row ``i`` is the sparse distribution candidate ``i`` was drawn from, given its earlier
+            siblings (``g`` rows).
         prev_path: for trees, the candidate indices of the previous round that were accepted, so
             stages can compact their KV cache to that path; empty for chains.
     """
@@ -108,7 +109,8 @@ class VerifyResult:
     Attributes:
         accepted: draft tokens accepted.
         tokens: tokens to commit: the accepted path plus one correction/bonus token.
-        accepted_mask: per drafted position (per candidate on a tree path), accepted or not.
+        accepted_mask: per candidate, whether it is on the accepted path (for a chain: per drafted
+            position).
         path: for trees, the accepted candidate indices; empty for chains.
         stage_ms: compute time of each stage this round.
     """
@@ -162,9 +164,12 @@ class ProposeRequest:
         session_id, round: the round to draft.
         start: position of ``tokens[0]``; the draft has been told every committed token before it.
         tokens: committed tokens from ``start`` on (the new ones since the last round).
-        gamma: tokens to draft (0 = none: the proposal only carries the target's context).
+        gamma: depth to draft (0 = none: the proposal only carries the target's context).
         target_rollback: cached positions the target keeps; the proposal's context is
             ``committed[target_rollback:]``.
+        width: candidates per depth (1 = a chain; more = a token tree whose first sibling at each
+            depth is extended, the others are leaves).
+        prev_path: the previous round's accepted candidate indices (for tree KV compaction).
     """
 
     session_id: str
@@ -173,3 +178,5 @@ class ProposeRequest:
     tokens: list[int]
     gamma: int
     target_rollback: int
+    width: int = 1
+    prev_path: list[int] = field(default_factory=list)

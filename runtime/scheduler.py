@@ -78,6 +78,7 @@ class Generation:
         gamma: int,
         draft_length_policy: str = "fixed",
         session_id: str | None = None,
+        tree_width: int = 1,
     ) -> None:
         info = backend.info
         if not prompt_ids:
@@ -101,6 +102,9 @@ class Generation:
         self.finish_reason: str | None = None
         self.stats = SessionStats(prompt_tokens=len(self.prompt))
         self._gamma = gamma
+        if tree_width < 1:
+            raise ValueError(f"tree_width must be >= 1, got {tree_width}")
+        self._width = tree_width
 
     def __iter__(self) -> Iterator[list[int]]:
         b = self.backend
@@ -140,6 +144,7 @@ class Generation:
         target_keep = 0  # target cache positions still valid
         draft_told = 0  # committed tokens the draft has been told
         gamma = self._gamma
+        prev_path: list[int] = []
         rnd = 0
         while self.finish_reason is None:
             rnd += 1
@@ -147,7 +152,8 @@ class Generation:
             g = self._capped_gamma(gamma, len(committed)) if b.drafter is not None else 0
             if b.drafter is not None:
                 req = ProposeRequest(
-                    self.session_id, rnd, draft_told, committed[draft_told:], g, target_keep
+                    self.session_id, rnd, draft_told, committed[draft_told:], g, target_keep,
+                    self._width, prev_path,
                 )
                 draft_told = len(committed)
                 handle = b.drafter.propose(req)
@@ -160,6 +166,7 @@ class Generation:
             self._check(result, rnd, g)
             base = len(committed)
             target_keep = base + result.accepted
+            prev_path = list(result.path)
             new, self.finish_reason = self.stop.cut(self.output_ids, list(result.tokens))
             if self.finish_reason is None and base + len(new) >= b.info.max_positions:
                 self.finish_reason = "context"
@@ -169,7 +176,8 @@ class Generation:
                 rnd, g, result.accepted, len(new), (time.perf_counter() - t0) * 1e3,
                 tuple(result.stage_ms),
             )
-            self.stats.add_round(record, list(result.accepted_mask))
+            # Per draft depth (a tree's mask is per candidate): depth d was accepted iff d < accepted.
+            self.stats.add_round(record, [d < result.accepted for d in range(g)])
             gamma = self.policy.next_gamma(result.accepted, g) if g else gamma
             yield new
 
@@ -185,5 +193,6 @@ class Generation:
                 f"verdict for session {result.session_id} round {result.round} while waiting for "
                 f"{self.session_id} round {rnd}"
             )
-        if not 0 <= result.accepted <= gamma or len(result.tokens) != result.accepted + 1:
+        if not 0 <= result.accepted <= gamma or len(result.tokens) != result.accepted + 1 \
+                or (result.path and len(result.path) != result.accepted):
             raise RuntimeError(f"malformed verdict: accepted {result.accepted} of {gamma}, tokens {result.tokens}")

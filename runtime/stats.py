@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """One round: what was drafted, what was kept, where the time went (milliseconds)."""
+    """One round: what was drafted, what was kept, where the time went (milliseconds).
+
+    ``gamma`` is the draft depth (a tree of width c sends ``gamma * c`` candidates).
+    """
 
     round: int
     gamma: int

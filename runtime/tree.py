@@ -83,6 +83,11 @@ class TokenTree:
         return len(self.parents)
 
     @property
+    def is_chain(self) -> bool:
+        """True when every candidate hangs from the one before it."""
+        return self.parents == list(range(ROOT, len(self.parents) - 1))
+
+    @property
     def depths(self) -> list[int]:
         """Number of candidate ancestors of each candidate (0 for children of the root)."""
         return _depths(self.parents)

@@ -148,3 +148,67 @@ def test_prompt_errors(engines):
         engine.generate([1, 256])
     with pytest.raises(TypeError, match="no tokenizer"):
         engine.generate("hello")
+
+
+# ---------- token trees (DSD multi-candidate rounds) ----------
+
+def test_tree_mask_forward_equals_causal_forward(cache):
+    """A chain fed with the explicit tree mask and positions gives the causal forward's logits."""
+    from specmesh.runtime.tree import tree_attention_mask, tree_position_ids
+
+    stage = hf.load_stage(tiny.materialise(TARGET, cache), dtype=torch.float32)
+    prefix, context, cands = PROMPT[:6], PROMPT[6:8], torch.tensor(PROMPT[8:])
+    want_cache, got_cache = stage.new_cache(), stage.new_cache()
+    for c in (want_cache, got_cache):
+        hf.forward(stage, c, input_ids=torch.tensor(prefix), position_ids=torch.arange(6))
+    ids = torch.cat([torch.tensor(context), cands])
+    want = hf.forward(stage, want_cache, input_ids=ids, position_ids=torch.arange(6, 10))
+    parents = [-1, 0]
+    kw = dict(num_cached=6, num_context=2)
+    got = hf.forward(stage, got_cache, input_ids=ids, position_ids=tree_position_ids(parents, **kw)[0],
+                     attention_mask=tree_attention_mask(parents, **kw))
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 3])
+def test_greedy_tree_equals_target_only(engines, num_stages):
+    engine = engines[num_stages]
+    reference = engine.generate(PROMPT, draft=None).output_ids
+    for gamma, width in [(1, 2), (3, 2), (4, 3), (6, 4)]:
+        result = engine.generate(PROMPT, gamma=gamma, tree_width=width)
+        assert result.output_ids == reference, f"gamma {gamma} width {width}"
+    chain = engine.generate(PROMPT, gamma=4).stats
+    tree = engine.generate(PROMPT, gamma=4, tree_width=4).stats
+    assert tree.mean_accepted_length > chain.mean_accepted_length  # siblings rescue rejected depths
+
+
+def test_sampled_tree_repeats_and_accepts(engines):
+    engine = engines[2]
+    a = engine.generate(PROMPT, temperature=1.0, seed=3, tree_width=3)
+    b = engine.generate(PROMPT, temperature=1.0, seed=3, tree_width=3)
+    assert a.output_ids == b.output_ids and a.stats.accepted > 0
+
+
+def test_sampled_tree_first_token_is_distributed_as_target(engines, cache):
+    """End to end through workers, codec and scheduler: the first token of an exact tree round
+    (depth 1, 3 siblings from top-8 q) follows the target's p (chi-square, 99.9%)."""
+    import math
+
+    engine = engines[2]
+    stage = hf.load_stage(tiny.materialise(TARGET, cache), dtype=torch.float32)
+    logits = hf.lm_head(stage, hf.forward(stage, stage.new_cache(), input_ids=torch.tensor(PROMPT),
+                                          position_ids=torch.arange(len(PROMPT)))[-1:])
+    p = torch.softmax(logits[0], -1)
+    n = 1200
+    counts = torch.zeros_like(p)
+    for seed in range(n):
+        out = engine.generate(PROMPT, temperature=1.0, seed=seed, max_new_tokens=2, tree_width=3, sparse_k=8)
+        counts[out.output_ids[0]] += 1
+    expected = p * n
+    keep = expected >= 5
+    chi2 = float((((counts[keep] - expected[keep]) ** 2) / expected[keep]).sum())
+    rest_o, rest_e = float(counts[~keep].sum()), float(expected[~keep].sum())
+    chi2 += (rest_o - rest_e) ** 2 / rest_e
+    df = int(keep.sum())
+    critical = df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3
+    assert chi2 < critical, f"chi2 {chi2:.1f}, df {df}, critical {critical:.1f}"
