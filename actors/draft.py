@@ -6,7 +6,6 @@ sparsifies (top-K / top-p), and samples from exactly that sparse q, which it shi
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +18,10 @@ from specmesh.runtime.sparse import SparseDist
 from . import hf
 
 
+# One drafted depth: the sibling tokens (the first is the one extended) and the q row of each.
+Depth = tuple[list[int], SparseDist]
+
+
 @dataclass
 class _DraftSession:
     params: SamplingParams
@@ -26,10 +29,25 @@ class _DraftSession:
     cached: list[int] = field(default_factory=list)  # tokens whose keys/values are in the cache
     committed: list[int] = field(default_factory=list)  # committed tokens told so far
     last_round: int = 0
+    width: int = 1
+    depths: list[Depth] = field(default_factory=list)  # the last proposal's depths
+    # Speculation on the verdict: depths drafted for the context ``spec_context`` (the last proposal
+    # fully accepted plus the draft's own guess of the bonus token), reused if that is what commits.
+    spec_context: list[int] | None = None
+    spec_depths: list[Depth] = field(default_factory=list)
+    counters: dict[str, int] = field(
+        # forwards: draft depths computed (speculative ones and bonus guesses included);
+        # speculated: those computed ahead of a verdict; reused: speculative depths later proposed.
+        default_factory=lambda: {"forwards": 0, "speculated": 0, "reused": 0}
+    )
 
 
 class DraftWorker:
     """Proposes candidate tokens for each round of every open session.
+
+    Drafting is a pure function of (committed context, seed, position): every draw uses the
+    generator keyed by its position, so depths drafted ahead of time (speculation on the verdict)
+    are exactly the depths a later proposal would draft, and overlap never changes the output.
 
     Args:
         model: the loaded draft (one stage holding every layer).
@@ -43,7 +61,6 @@ class DraftWorker:
             torch.set_num_threads(threads)
         self.model = model
         self.sessions: dict[str, _DraftSession] = {}
-        self.last_draft_ms = 0.0
 
     @property
     def vocab_size(self) -> int:
@@ -52,11 +69,13 @@ class DraftWorker:
     def open(self, msg: OpenSession) -> None:
         self.sessions[msg.session_id] = _DraftSession(msg.params, self.model.new_cache())
 
-    def close(self, session_id: str) -> None:
-        self.sessions.pop(session_id, None)
+    def close(self, session_id: str) -> dict[str, int]:
+        """Frees the session; returns its drafting counters (forwards, speculated, reused)."""
+        s = self.sessions.pop(session_id, None)
+        return dict(s.counters) if s is not None else {}
 
     def propose(self, req: ProposeRequest) -> DraftProposal:
-        """Syncs the cache with the committed tokens and drafts ``req.gamma`` tokens."""
+        """Syncs the cache with the committed tokens and drafts ``req.gamma`` depths."""
         s = self._session(req.session_id)
         if req.round <= s.last_round:
             raise ValueError(f"stale round {req.round} for session {req.session_id} (at {s.last_round})")
@@ -64,19 +83,43 @@ class DraftWorker:
             raise ValueError(f"tokens start at {req.start} but only {len(s.committed)} were committed")
         s.committed = s.committed[: req.start] + list(req.tokens)
         s.last_round = req.round
-        t0 = time.perf_counter()
-        candidates, parents, q = self._draft(s, req.gamma, req.width)
-        self.last_draft_ms = (time.perf_counter() - t0) * 1e3
+        s.width = req.width
+        s.depths = self._draft(s, req.gamma) if req.gamma > 0 else []
+        tokens: list[int] = []
+        parents: list[int] = []
+        main = -1  # the candidate the next depth hangs from (-1: the last context token)
+        for picks, _ in s.depths:
+            first = len(tokens)
+            tokens.extend(picks)
+            parents.extend([main] * len(picks))
+            main = first
+        q = SparseDist.concat([rows for _, rows in s.depths]) if s.depths else SparseDist.empty(self.vocab_size)
         return DraftProposal(
             session_id=req.session_id,
             round=req.round,
             rollback=req.target_rollback,
             context=s.committed[req.target_rollback :],
-            candidates=torch.tensor(candidates, dtype=torch.int64),
+            candidates=torch.tensor(tokens, dtype=torch.int64),
             q=q,
             parents=parents if req.width > 1 else [],
             prev_path=list(req.prev_path),
         )
+
+    def speculate(self, session_id: str, gamma: int) -> None:
+        """While the last proposal is verified, drafts the next round as if it were fully accepted
+        and the bonus token were the draft's own next token (the likeliest single outcome)."""
+        s = self._session(session_id)
+        if not s.depths or gamma < 1:
+            return
+        mains = [picks[0] for picks, _ in s.depths]
+        context = s.committed + mains
+        logits = self._forward(s, [mains[-1]])  # the last main token was never fed
+        guess, _ = self._siblings(s.params, logits, 1, self._generator(s, len(context)))
+        spec = context + guess[:1]
+        s.spec_context = spec
+        s.spec_depths = self._extend(s, [], gamma, spec, [guess[0]])
+        s.counters["forwards"] += 1  # the bonus guess
+        s.counters["speculated"] += len(s.spec_depths) + 1
 
     def _session(self, session_id: str) -> _DraftSession:
         try:
@@ -84,42 +127,49 @@ class DraftWorker:
         except KeyError:
             raise KeyError(f"draft worker has no open session {session_id!r}") from None
 
-    def _draft(
-        self, s: _DraftSession, gamma: int, width: int
-    ) -> tuple[list[int], list[int], SparseDist]:
-        """Drafts ``gamma`` depths of ``width`` siblings; extends the first sibling of each depth.
+    def _generator(self, s: _DraftSession, position: int) -> torch.Generator:
+        return sampling.generator_for(s.params.seed, sampling.STREAM_DRAFT, position)
 
-        Returns candidate tokens, their tree parents and the q row each was drawn from.
-        """
-        if gamma == 0:
-            return [], [], SparseDist.empty(self.vocab_size)
+    def _draft(self, s: _DraftSession, gamma: int) -> list[Depth]:
+        """``gamma`` depths of ``s.width`` siblings for the committed context, reusing speculation."""
         committed = s.committed
+        reuse = s.spec_depths if s.spec_context == committed else []
+        s.spec_context, s.spec_depths = None, []
+        if reuse:
+            # The cache holds committed + the main token of every reused depth but the last.
+            s.counters["reused"] += min(len(reuse), gamma)
+            if len(reuse) >= gamma:
+                self._truncate(s, len(committed) + gamma - 1)
+                return reuse[:gamma]
+            return self._extend(s, reuse, gamma, committed, [reuse[-1][0][0]])
         # Keep the longest cached prefix that is still committed, but always re-feed at least the
         # last committed token: its logits give the first draft.
         keep = 0
         limit = min(len(s.cached), len(committed) - 1)
         while keep < limit and s.cached[keep] == committed[keep]:
             keep += 1
+        self._truncate(s, keep)
+        return self._extend(s, [], gamma, committed, committed[keep:])
+
+    def _extend(
+        self, s: _DraftSession, depths: list[Depth], gamma: int, context: list[int], feed: list[int]
+    ) -> list[Depth]:
+        """Drafts depths after ``depths`` until there are ``gamma``; ``feed`` completes the cache.
+
+        Leaves the cache holding ``context`` and the main token of every depth but the last.
+        """
+        depths = list(depths)
+        while len(depths) < gamma:
+            logits = self._forward(s, feed)  # [V]
+            gen = self._generator(s, len(context) + len(depths))
+            depths.append(self._siblings(s.params, logits, s.width, gen))
+            s.counters["forwards"] += 1
+            feed = [depths[-1][0][0]]
+        return depths
+
+    def _truncate(self, s: _DraftSession, keep: int) -> None:
         hf.truncate_cache(s.cache, keep)
         s.cached = s.cached[:keep]
-        feed = committed[keep:]
-        tokens: list[int] = []
-        parents: list[int] = []
-        rows: list[SparseDist] = []
-        main = -1  # the candidate the next depth hangs from (-1: the last context token)
-        for depth in range(gamma):
-            logits = self._forward(s, feed)  # [vocab]
-            gen = sampling.generator_for(s.params.seed, sampling.STREAM_DRAFT, len(committed) + depth)
-            picks, q_rows = self._siblings(s.params, logits, width, gen)
-            first = len(tokens)
-            tokens.extend(picks)
-            parents.extend([main] * len(picks))
-            rows.append(q_rows)
-            main = first
-            feed = [picks[0]]  # the last depth is never fed: its logits are not needed
-            if depth == gamma - 1:
-                break
-        return tokens, parents, SparseDist.concat(rows)
 
     def _siblings(
         self, params: SamplingParams, logits: torch.Tensor, width: int, gen: torch.Generator

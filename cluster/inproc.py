@@ -89,11 +89,14 @@ class InprocDrafter:
     def open(self, msg: OpenSession) -> None:
         self.worker.open(msg)
 
-    def close(self, session_id: str) -> None:
-        self.worker.close(session_id)
+    def close(self, session_id: str) -> dict[str, int]:
+        return self.worker.close(session_id)
 
     def propose(self, req: ProposeRequest):
         return self.worker.propose(req)
+
+    def speculate(self, session_id: str, gamma: int) -> None:
+        self.worker.speculate(session_id, gamma)
 
 
 class InprocTarget:

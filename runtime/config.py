@@ -42,6 +42,8 @@ class SpecConfig:
         threads: torch threads per worker (None: the process default).
         cache_dir: model cache directory (None: $SPECMESH_CACHE or the user cache dir).
         topology: a topology file for the Ray backends (nodes, links, stage placement).
+        overlap: draft the next round while this one is verified (None: on for the Ray backends,
+            where the draft has its own process; off in process, where it would only add work).
     """
 
     target: str = DEFAULT_TARGET
@@ -65,6 +67,7 @@ class SpecConfig:
     threads: int | None = None
     cache_dir: str | None = None
     topology: str | None = None
+    overlap: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.target:

@@ -32,10 +32,15 @@ class ModelInfo:
 class Drafter(Protocol):
     def open(self, msg: OpenSession) -> None: ...
 
-    def close(self, session_id: str) -> None: ...
+    def close(self, session_id: str) -> dict[str, int]:
+        """Frees the session; returns its drafting counters."""
 
     def propose(self, req: ProposeRequest) -> Any:
         """Starts drafting a round; returns a handle to its :class:`DraftProposal`."""
+
+    def speculate(self, session_id: str, gamma: int) -> None:
+        """Drafts the next round ahead, on the likeliest verdict, while this one is verified
+        (fire and forget on Ray; runs inline in process)."""
 
 
 class Target(Protocol):

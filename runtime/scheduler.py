@@ -79,6 +79,7 @@ class Generation:
         draft_length_policy: str = "fixed",
         session_id: str | None = None,
         tree_width: int = 1,
+        overlap: bool = False,
     ) -> None:
         info = backend.info
         if not prompt_ids:
@@ -105,6 +106,7 @@ class Generation:
         if tree_width < 1:
             raise ValueError(f"tree_width must be >= 1, got {tree_width}")
         self._width = tree_width
+        self._overlap = overlap
 
     def __iter__(self) -> Iterator[list[int]]:
         b = self.backend
@@ -119,8 +121,9 @@ class Generation:
         finally:
             self.stats.wall_s = time.perf_counter() - t_start
             self._count_bytes(before, b.traffic.snapshot())
-            for w in workers:
-                w.close(self.session_id)
+            if b.drafter is not None:
+                self.stats.draft_counters = b.drafter.close(self.session_id) or {}
+            b.target.close(self.session_id)
 
     def _count_bytes(self, before: TrafficSnapshot, after: TrafficSnapshot) -> None:
         device = self.backend.device_links
@@ -157,6 +160,8 @@ class Generation:
                 )
                 draft_told = len(committed)
                 handle = b.drafter.propose(req)
+                if self._overlap and g > 0:
+                    b.drafter.speculate(self.session_id, gamma)
             else:
                 handle = DraftProposal(
                     self.session_id, rnd, target_keep, committed[target_keep:],

@@ -37,6 +37,8 @@ class SessionStats:
         bytes_up / bytes_down: bytes that crossed device->edge / edge->device links.
         bytes_between_stages: bytes between target stages.
         records: every round.
+        draft_counters: the draft's work: ``forwards`` (depths computed, speculative included),
+            ``speculated`` (computed ahead of a verdict), ``reused`` (speculative depths proposed).
     """
 
     prompt_tokens: int = 0
@@ -51,6 +53,7 @@ class SessionStats:
     bytes_down: int = 0
     bytes_between_stages: int = 0
     records: list[RoundRecord] = field(default_factory=list)
+    draft_counters: dict[str, int] = field(default_factory=dict)
 
     def add_round(self, record: RoundRecord, accepted_mask: list[bool]) -> None:
         self.rounds += 1
@@ -80,6 +83,14 @@ class SessionStats:
     @property
     def per_position_acceptance(self) -> list[float]:
         return [a / t if t else 0.0 for a, t in zip(self.position_accepted, self.position_tried)]
+
+    @property
+    def draft_work_used(self) -> float:
+        """Fraction of draft forward passes whose result reached a proposal (1.0 without overlap)."""
+        c = self.draft_counters
+        if not c.get("forwards"):
+            return 0.0
+        return (c["forwards"] - c.get("speculated", 0) + c.get("reused", 0)) / c["forwards"]
 
     @property
     def tokens_per_s(self) -> float:

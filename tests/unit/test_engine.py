@@ -212,3 +212,30 @@ def test_sampled_tree_first_token_is_distributed_as_target(engines, cache):
     df = int(keep.sum())
     critical = df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3
     assert chi2 < critical, f"chi2 {chi2:.1f}, df {df}, critical {critical:.1f}"
+
+
+# ---------- overlap: drafting the next round during verification ----------
+
+@pytest.mark.parametrize("kw", [dict(), dict(tree_width=3), dict(temperature=1.0, seed=5),
+                                dict(temperature=0.8, seed=2, tree_width=2, gamma=3)])
+def test_overlap_never_changes_the_output(engines, kw):
+    engine = engines[2]
+    off = engine.generate(PROMPT, overlap=False, **kw)
+    on = engine.generate(PROMPT, overlap=True, **kw)
+    assert on.output_ids == off.output_ids
+    assert [r.accepted for r in on.stats.records] == [r.accepted for r in off.stats.records]
+    c = on.stats.draft_counters
+    assert c["speculated"] > 0 and c["forwards"] > off.stats.draft_counters["forwards"]
+    assert off.stats.draft_work_used == 1.0 and 0 < on.stats.draft_work_used < 1.0
+
+
+def test_overlap_reuses_speculation_when_the_draft_is_right(cache):
+    """With the target as its own draft every round is fully accepted and the bonus guessed right:
+    every depth after the first round comes from speculation."""
+    with SpecMesh(_config(cache, draft=TARGET, num_stages=2)) as engine:
+        out = engine.generate(PROMPT, overlap=True, gamma=4)
+        ref = engine.generate(PROMPT, draft=None)
+    assert out.output_ids == ref.output_ids
+    c = out.stats.draft_counters
+    assert out.stats.acceptance_rate == 1.0
+    assert c["reused"] >= 4 * (out.stats.rounds - 2)
