@@ -6,6 +6,7 @@ sparsifies (top-K / top-p), and samples from exactly that sparse q, which it shi
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +39,8 @@ class _DraftSession:
     counters: dict[str, int] = field(
         # forwards: draft depths computed (speculative ones and bonus guesses included);
         # speculated: those computed ahead of a verdict; reused: speculative depths later proposed.
-        default_factory=lambda: {"forwards": 0, "speculated": 0, "reused": 0}
+        # busy_ms: time spent computing.
+        default_factory=lambda: {"forwards": 0, "speculated": 0, "reused": 0, "busy_ms": 0}
     )
 
 
@@ -84,7 +86,9 @@ class DraftWorker:
         s.committed = s.committed[: req.start] + list(req.tokens)
         s.last_round = req.round
         s.width = req.width
+        t0 = time.perf_counter()
         s.depths = self._draft(s, req.gamma) if req.gamma > 0 else []
+        s.counters["busy_ms"] += round((time.perf_counter() - t0) * 1e3)
         tokens: list[int] = []
         parents: list[int] = []
         main = -1  # the candidate the next depth hangs from (-1: the last context token)
@@ -111,6 +115,7 @@ class DraftWorker:
         s = self._session(session_id)
         if not s.depths or gamma < 1:
             return
+        t0 = time.perf_counter()
         mains = [picks[0] for picks, _ in s.depths]
         context = s.committed + mains
         logits = self._forward(s, [mains[-1]])  # the last main token was never fed
@@ -120,6 +125,7 @@ class DraftWorker:
         s.spec_depths = self._extend(s, [], gamma, spec, [guess[0]])
         s.counters["forwards"] += 1  # the bonus guess
         s.counters["speculated"] += len(s.spec_depths) + 1
+        s.counters["busy_ms"] += round((time.perf_counter() - t0) * 1e3)
 
     def _session(self, session_id: str) -> _DraftSession:
         try:

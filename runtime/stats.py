@@ -92,6 +92,21 @@ class SessionStats:
             return 0.0
         return (c["forwards"] - c.get("speculated", 0) + c.get("reused", 0)) / c["forwards"]
 
+    def busy_fraction(self) -> dict[str, float]:
+        """Share of the wall time each worker spent computing (the rest is idle or waiting)."""
+        if not self.wall_s:
+            return {}
+        wall_ms = self.wall_s * 1e3
+        stages: list[float] = []
+        for r in self.records:
+            for i, ms in enumerate(r.stage_ms):
+                stages.extend([0.0] * (i + 1 - len(stages)))
+                stages[i] += ms
+        out = {f"stage{i}": ms / wall_ms for i, ms in enumerate(stages)}
+        if "busy_ms" in self.draft_counters:
+            out["draft"] = self.draft_counters["busy_ms"] / wall_ms
+        return out
+
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.wall_s if self.wall_s else 0.0
@@ -104,7 +119,7 @@ class SessionStats:
     def bytes_down_per_token(self) -> float:
         return self.bytes_down / self.generated_tokens if self.generated_tokens else 0.0
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict:
         """The headline figures, for printing and JSON."""
         return {
             "generated_tokens": self.generated_tokens,
@@ -115,4 +130,6 @@ class SessionStats:
             "mean_accepted_length": round(self.mean_accepted_length, 4),
             "bytes_up_per_token": round(self.bytes_up_per_token, 1),
             "bytes_down_per_token": round(self.bytes_down_per_token, 1),
+            "draft_work_used": round(self.draft_work_used, 3),
+            "busy_fraction": {k: round(v, 3) for k, v in self.busy_fraction().items()},
         }

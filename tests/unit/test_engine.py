@@ -98,6 +98,9 @@ def test_stats_and_bytes(engines):
     assert s.bytes_up > 0 and s.bytes_down > 0 and s.bytes_between_stages > 0
     assert len(s.per_position_acceptance) == 4
     assert s.position_tried[0] == sum(1 for r in s.records if r.gamma > 0)  # every drafted round tests 0
+    busy = s.busy_fraction()
+    assert set(busy) == {"stage0", "stage1", "draft"} and all(0 < v < 1 for v in busy.values())
+    assert sum(busy.values()) <= 1.0 + 1e-6  # in process the workers take turns
 
 
 def test_eos_stops_generation(engines):
