@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -105,6 +106,24 @@ class SpecMesh:
         return GenerationResult(
             gen.prompt, gen.output_ids, self._decode(gen.output_ids), gen.finish_reason, gen.stats
         )
+
+    def generate_many(
+        self, prompts: Sequence[str | Sequence[int]], concurrency: int | None = None, **overrides
+    ) -> list[GenerationResult]:
+        """Generates for several prompts as concurrent sessions, results in prompt order.
+
+        On the Ray backends the sessions' rounds pipeline through the stages (stage k works on one
+        session's round while stage k+1 works on another's); in process they simply interleave.
+
+        Args:
+            prompts: one prompt per session.
+            concurrency: sessions in flight at once (default: all).
+        """
+        if not prompts:
+            return []
+        workers = max(1, min(concurrency or len(prompts), len(prompts)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="specmesh-session") as pool:
+            return list(pool.map(lambda p: self.generate(p, **overrides), prompts))
 
     def stream(self, prompt: str | Sequence[int], **overrides) -> Iterator[StreamChunk]:
         """Yields each round's new tokens as soon as they are committed."""

@@ -242,3 +242,11 @@ def test_overlap_reuses_speculation_when_the_draft_is_right(cache):
     c = out.stats.draft_counters
     assert out.stats.acceptance_rate == 1.0
     assert c["reused"] >= 4 * (out.stats.rounds - 2)
+
+
+def test_concurrent_sessions_equal_sequential(engines):
+    engine = engines[2]
+    prompts = [PROMPT, PROMPT[3:], [9, 8, 7, 6, 5], PROMPT[::-1]]
+    want = [engine.generate(p, gamma=3).output_ids for p in prompts]
+    got = engine.generate_many(prompts, gamma=3)
+    assert [r.output_ids for r in got] == want
