@@ -77,7 +77,8 @@ class _Wire:
 
     def cross(self, hop: _Hop, msg):
         data = codec.encode(msg)
-        self.traffic.record(hop.name, hop.direction, len(data))
+        session = getattr(msg, "proposal", msg).session_id
+        self.traffic.record(hop.name, hop.direction, len(data), session)
         links.sleep_for(hop.spec, len(data))
         return codec.decode(data, vocab_size=self.vocab_size)
 

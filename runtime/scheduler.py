@@ -114,26 +114,23 @@ class Generation:
         opened = OpenSession(self.session_id, self.params)
         for w in workers:
             w.open(opened)
-        before = b.traffic.snapshot()
         t_start = time.perf_counter()
         try:
             yield from self._rounds()
         finally:
             self.stats.wall_s = time.perf_counter() - t_start
-            self._count_bytes(before, b.traffic.snapshot())
+            self._count_bytes(b.traffic.snapshot(self.session_id))
+            b.traffic.forget(self.session_id)
             if b.drafter is not None:
                 self.stats.draft_counters = b.drafter.close(self.session_id) or {}
             b.target.close(self.session_id)
 
-    def _count_bytes(self, before: TrafficSnapshot, after: TrafficSnapshot) -> None:
+    def _count_bytes(self, traffic: TrafficSnapshot) -> None:
+        """This session's bytes: device links apart from the links between stages."""
         device = self.backend.device_links
-
-        def delta(direction, links=None):
-            return after.total(direction, links).bytes - before.total(direction, links).bytes
-
-        self.stats.bytes_up = delta(UPLINK, device)
-        self.stats.bytes_down = delta(DOWNLINK, device)
-        self.stats.bytes_between_stages = delta(None) - self.stats.bytes_up - self.stats.bytes_down
+        self.stats.bytes_up = traffic.total(UPLINK, device).bytes
+        self.stats.bytes_down = traffic.total(DOWNLINK, device).bytes
+        self.stats.bytes_between_stages = traffic.total().bytes - self.stats.bytes_up - self.stats.bytes_down
 
     def run(self) -> list[int]:
         """Runs to the end; returns the generated token ids."""

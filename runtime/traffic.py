@@ -81,9 +81,12 @@ class TrafficMeter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, str], LinkTraffic] = {}
+        # The same counts split by session, so concurrent sessions each see their own bytes.
+        self._by_session: dict[str, dict[tuple[str, str], LinkTraffic]] = {}
 
-    def record(self, link: str, direction: str, nbytes: int) -> None:
-        """Counts one message of ``nbytes`` bytes sent on ``link`` in ``direction``.
+    def record(self, link: str, direction: str, nbytes: int, session: str | None = None) -> None:
+        """Counts one message of ``nbytes`` bytes sent on ``link`` in ``direction`` (for
+        ``session`` too, when given).
 
         Raises:
             ValueError: unknown direction, empty link name or negative size.
@@ -94,13 +97,24 @@ class TrafficMeter:
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         key = (link, direction)
+        one = LinkTraffic(int(nbytes), 1)
         with self._lock:
-            self._counts[key] = self._counts.get(key, LinkTraffic()) + LinkTraffic(int(nbytes), 1)
+            self._counts[key] = self._counts.get(key, LinkTraffic()) + one
+            if session is not None:
+                counts = self._by_session.setdefault(session, {})
+                counts[key] = counts.get(key, LinkTraffic()) + one
 
-    def snapshot(self) -> TrafficSnapshot:
-        """An immutable copy of the counts so far."""
+    def snapshot(self, session: str | None = None) -> TrafficSnapshot:
+        """An immutable copy of the counts so far (of one session's messages, when given)."""
         with self._lock:
+            if session is not None:
+                return TrafficSnapshot(dict(self._by_session.get(session, {})))
             return TrafficSnapshot(dict(self._counts))
+
+    def forget(self, session: str) -> None:
+        """Drops the per-session counts of a finished session (the totals stay)."""
+        with self._lock:
+            self._by_session.pop(session, None)
 
     def merge(self, other: TrafficSnapshot) -> None:
         """Adds another snapshot's counts into this meter (a remote worker's, say)."""
@@ -110,7 +124,7 @@ class TrafficMeter:
     def reset(self) -> TrafficSnapshot:
         """Clears the meter and returns what it held."""
         with self._lock:
-            held, self._counts = TrafficSnapshot(self._counts), {}
+            held, self._counts, self._by_session = TrafficSnapshot(self._counts), {}, {}
         return held
 
 

@@ -250,3 +250,7 @@ def test_concurrent_sessions_equal_sequential(engines):
     want = [engine.generate(p, gamma=3).output_ids for p in prompts]
     got = engine.generate_many(prompts, gamma=3)
     assert [r.output_ids for r in got] == want
+    # Each session counts its own bytes, not its neighbours'.
+    alone = [engine.generate(p, gamma=3).stats for p in prompts]
+    assert [r.stats.bytes_up for r in got] == [s.bytes_up for s in alone]
+    assert [r.stats.bytes_down for r in got] == [s.bytes_down for s in alone]
