@@ -71,7 +71,7 @@ class TargetStage:
         s.last_round = proposal.round
         t0 = time.perf_counter()
         self._rollback(s, proposal)
-        positions, mask = self._layout(proposal)
+        positions, mask = self._layout(proposal, self.model.dtype)
         if self.model.is_first:
             ids = torch.cat([torch.tensor(proposal.context, dtype=torch.int64), proposal.candidates])
             hidden = hf.forward(self.model, s.cache, input_ids=ids, position_ids=positions, attention_mask=mask)
@@ -105,13 +105,14 @@ class TargetStage:
         s.tree_layout = (proposal.rollback, len(proposal.context)) if proposal.parents else None
 
     @staticmethod
-    def _layout(proposal: DraftProposal) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Positions ``[fed]`` of the fed tokens, and the tree mask (None for a chain: causal)."""
+    def _layout(proposal: DraftProposal, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions ``[fed]`` of the fed tokens, and the tree mask in the model's dtype (None for a
+        chain: causal)."""
         if not proposal.parents:
             fed = len(proposal.context) + proposal.num_candidates
             return torch.arange(proposal.rollback, proposal.rollback + fed), None
         kw = dict(num_cached=proposal.rollback, num_context=len(proposal.context))
-        return tree_position_ids(proposal.parents, **kw)[0], tree_attention_mask(proposal.parents, **kw)
+        return tree_position_ids(proposal.parents, **kw)[0], tree_attention_mask(proposal.parents, dtype=dtype, **kw)
 
     def _verify(self, s: _StageSession, proposal: DraftProposal, hidden: torch.Tensor):
         g = proposal.num_candidates

@@ -254,3 +254,10 @@ def test_concurrent_sessions_equal_sequential(engines):
     alone = [engine.generate(p, gamma=3).stats for p in prompts]
     assert [r.stats.bytes_up for r in got] == [s.bytes_up for s in alone]
     assert [r.stats.bytes_down for r in got] == [s.bytes_down for s in alone]
+
+
+def test_bf16_tree_round_runs(cache):
+    """The tree mask takes the model's dtype (an fp32 mask on a bf16 model is refused by sdpa)."""
+    with SpecMesh(_config(cache, dtype="bfloat16", max_new_tokens=12)) as engine:
+        out = engine.generate(PROMPT, tree_width=3)
+    assert len(out.output_ids) == 12 and out.stats.rounds < 12
