@@ -186,10 +186,14 @@ class DraftWorker:
         removed, renormalised), each exactly as it will decode at the verifier: the contract that
         keeps multi-candidate verification lossless (see ``runtime/tree.py``). At temperature 0 the
         verifier compares with its argmax only: siblings are the draft's top tokens, each shipped
-        with a one-entry q (the fewest bytes the wire accepts).
+        with a one-entry q (the fewest bytes the wire accepts), except under the ``dense``
+        sparsifier, whose point is to send what the classic scheme sends: the whole q.
         """
         if params.temperature == 0:
             top = torch.topk(logits, min(width, logits.numel())).indices  # [width]
+            if params.sparsifier == "dense":
+                q = sparsify(torch.softmax(logits.float().view(1, -1), -1), params)
+                return top.tolist(), SparseDist.concat([q] * top.numel())
             ones = torch.ones(top.numel(), 1)
             return top.tolist(), SparseDist(top.view(-1, 1), ones, self.vocab_size)
         probs = sampling.warp_logits(logits.view(1, -1), params.temperature, params.top_k, params.top_p)

@@ -77,6 +77,8 @@ class Summary:
     wall_s: float
     tokens_per_s: float
     speedup: float
+    decode_tokens_per_s: float
+    decode_speedup: float
     mean_accepted_length: float
     acceptance_rate: float
     bytes_up_per_token: float
@@ -91,6 +93,7 @@ def summarise(runs: list[Run], baseline: str = BASELINE.label) -> list[Summary]:
         by_variant.setdefault(r.variant, []).append(r)
     base_outputs = {r.prompt_id: r.result.output_ids for r in by_variant.get(baseline, [])}
     base_tps = _tps(by_variant.get(baseline, []))
+    base_decode = _decode_tps(by_variant.get(baseline, []))
     out = []
     for name, rs in by_variant.items():
         tokens = sum(r.result.stats.generated_tokens for r in rs)
@@ -102,6 +105,8 @@ def summarise(runs: list[Run], baseline: str = BASELINE.label) -> list[Summary]:
         out.append(Summary(
             variant=name, tokens=tokens, wall_s=wall, tokens_per_s=tps,
             speedup=tps / base_tps if base_tps else float("nan"),
+            decode_tokens_per_s=_decode_tps(rs),
+            decode_speedup=_decode_tps(rs) / base_decode if base_decode else float("nan"),
             mean_accepted_length=(accepted + rounds) / rounds if rounds else 0.0,
             acceptance_rate=accepted / drafted if drafted else 0.0,
             bytes_up_per_token=sum(r.result.stats.bytes_up for r in rs) / tokens if tokens else 0.0,
@@ -111,6 +116,14 @@ def summarise(runs: list[Run], baseline: str = BASELINE.label) -> list[Summary]:
             ) if base_outputs else False,
         ))
     return out
+
+
+def _decode_tps(runs: list[Run]) -> float:
+    """Token-weighted decoding speed after each run's first round (the prompt's prefill)."""
+    tokens = sum(r.result.stats.generated_tokens - r.result.stats.records[0].committed
+                 for r in runs if r.result.stats.records)
+    wall = sum(r.result.stats.wall_s - r.result.stats.first_round_s for r in runs)
+    return tokens / wall if wall > 0 else 0.0
 
 
 def _tps(runs: list[Run]) -> float:

@@ -74,13 +74,15 @@ def _run(engine, prompts, variants, console, out, warmup=True, stream=True) -> l
 def _table(runs: list[Run], cfg: SpecConfig, links: str) -> Table:
     table = Table(title=f"SpecMesh vs target-only ({cfg.backend}, {cfg.num_stages} stages, {links}; "
                         f"{platform.machine()}, {cfg.dtype})")
-    for col in ("variant", "tokens", "tok/s", "speedup", "mean acc. len", "acceptance",
-                "up B/token", "down B/token", "same output"):
+    for col in ("variant", "tokens", "tok/s", "speedup", "decode tok/s", "decode speedup",
+                "mean acc. len", "acceptance", "up B/tok", "down B/tok", "same output"):
         table.add_column(col, justify="right" if col != "variant" else "left")
     for s in summarise(runs):
         table.add_row(
             s.variant, str(s.tokens), f"{s.tokens_per_s:.2f}",
             f"{s.speedup:.2f}x" if s.speedup == s.speedup else "-",
+            f"{s.decode_tokens_per_s:.2f}",
+            f"{s.decode_speedup:.2f}x" if s.decode_speedup == s.decode_speedup else "-",
             f"{s.mean_accepted_length:.2f}", f"{s.acceptance_rate:.2f}" if s.variant != BASELINE.label else "-",
             f"{s.bytes_up_per_token:.0f}", f"{s.bytes_down_per_token:.0f}",
             "yes" if s.same_output_as_baseline else ("-" if s.variant == BASELINE.label else "no"),

@@ -112,6 +112,19 @@ class SessionStats:
         return self.generated_tokens / self.wall_s if self.wall_s else 0.0
 
     @property
+    def first_round_s(self) -> float:
+        """Time of round 1, which also prefills the prompt (time to first token)."""
+        return self.records[0].wall_ms / 1e3 if self.records else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second after round 1: decoding speed without the prompt's prefill."""
+        if len(self.records) < 2:
+            return 0.0
+        tokens = self.generated_tokens - self.records[0].committed
+        return tokens / max(self.wall_s - self.first_round_s, 1e-9)
+
+    @property
     def bytes_up_per_token(self) -> float:
         return self.bytes_up / self.generated_tokens if self.generated_tokens else 0.0
 
@@ -126,6 +139,8 @@ class SessionStats:
             "rounds": self.rounds,
             "wall_s": round(self.wall_s, 4),
             "tokens_per_s": round(self.tokens_per_s, 3),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+            "first_round_s": round(self.first_round_s, 3),
             "acceptance_rate": round(self.acceptance_rate, 4),
             "mean_accepted_length": round(self.mean_accepted_length, 4),
             "bytes_up_per_token": round(self.bytes_up_per_token, 1),
