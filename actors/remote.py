@@ -1,9 +1,10 @@
 """Ray is applied here, and only here, to the plain workers: thin async actor handles.
 
 Each actor loads its own model slice inside its own process, sets its own torch thread count, and
-speaks only encoded wire bytes: a message arrives as bytes (Ray resolves the upstream ``ObjectRef``
-in the actor, never in the driver), is delayed by the modelled link, decoded, processed, encoded and
-returned as bytes for the next actor. A message that cannot be processed is answered with an
+speaks only encoded wire bytes: a message arrives as bytes (fetched by the actor itself from the
+sender's node), is delayed by the modelled link, decoded, processed, encoded and returned for the
+next actor; across a real network, by reference, so that it does not pass through the driver (see
+:func:`_hand_on`). A message that cannot be processed is answered with an
 encoded :class:`ErrorMessage` and the actor keeps serving; an error arriving from upstream is passed
 on unchanged, so the driver sees the first failure of the round.
 """
@@ -69,6 +70,34 @@ def _load(spec: WorkerSpec) -> hf.StageModel:
     return hf.load_stage(path, layers, dtype=hf.resolve_dtype(spec.dtype))
 
 
+# An error text longer than this is cut, so that the error message itself always encodes.
+_ERROR_TEXT_CHARS = 4000
+
+
+def _error(msg, code: str, text: str) -> bytes:
+    """The encoded :class:`ErrorMessage` answering ``msg`` (whatever it was: it may not even have
+    decoded, or be a message without a session or round)."""
+    msg = getattr(msg, "proposal", msg)
+    session_id, rnd = getattr(msg, "session_id", ""), getattr(msg, "round", 0)
+    if not isinstance(session_id, str) or not isinstance(rnd, int):
+        session_id, rnd = "", 0
+    if len(text) > _ERROR_TEXT_CHARS:
+        text = text[: _ERROR_TEXT_CHARS - 3] + "..."
+    return codec.encode(ErrorMessage(session_id, rnd, code, text))
+
+
+def _hand_on(frame: bytes, by_reference: bool) -> bytes | ray.ObjectRef:
+    """A frame for the next actor: the bytes, or a reference to them in this node's object store.
+
+    An actor's return value is owned by its caller, the driver (on the device node), and Ray keeps a
+    small one (under 100 KB: every round's frame but the prompt's) in the driver and inlines it into
+    the next task: across a network, the hidden states would cross the device's links twice per hop.
+    A reference to an object put here makes the next actor fetch it from this node directly. On one
+    machine there is no network to spare and the reference costs ~3 ms a hop, so the bytes go.
+    """
+    return ray.put(frame) if by_reference else frame
+
+
 class _Base:
     def __init__(self, vocab_size: int, inbound: InboundLink | None) -> None:
         self.vocab_size = vocab_size
@@ -76,14 +105,24 @@ class _Base:
         self.traffic = TrafficMeter()
 
     async def _receive(self, data: bytes):
+        if self.inbound is not None and self.inbound.link is not None:
+            await asyncio.sleep(self.inbound.link.delay_s(len(data)))
+        try:
+            msg = codec.decode(data, vocab_size=self.vocab_size)
+        except Exception:
+            if self.inbound is not None:
+                self.traffic.record(self.inbound.name, self.inbound.direction, len(data))
+            raise
         if self.inbound is not None:
-            self.traffic.record(self.inbound.name, self.inbound.direction, len(data))
-            if self.inbound.link is not None:
-                await asyncio.sleep(self.inbound.link.delay_s(len(data)))
-        return codec.decode(data, vocab_size=self.vocab_size)
+            session = getattr(getattr(msg, "proposal", msg), "session_id", None) or None
+            self.traffic.record(self.inbound.name, self.inbound.direction, len(data), session)
+        return msg
 
-    def traffic_snapshot(self):
-        return self.traffic.snapshot()
+    def traffic_snapshot(self, session: str | None = None):
+        return self.traffic.snapshot(session)
+
+    def forget_traffic(self, session: str) -> None:
+        self.traffic.forget(session)
 
     def node_info(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -94,10 +133,11 @@ class _Base:
 class DraftActor(_Base):
     """The draft worker on the device node."""
 
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(self, spec: WorkerSpec, by_reference: bool = False) -> None:
         model = _load(spec)
         super().__init__(model.vocab_size, None)
         self.worker = DraftWorker(model)
+        self.by_reference = by_reference  # hand proposals on by reference (see _hand_on)
 
     def ready(self) -> dict:
         return {"vocab_size": self.vocab_size, **self.node_info()}
@@ -105,24 +145,32 @@ class DraftActor(_Base):
     def open(self, msg: OpenSession) -> None:
         self.worker.open(msg)
 
-    def close(self, session_id: str) -> None:
-        self.worker.close(session_id)
+    def close(self, session_id: str) -> dict:
+        return self.worker.close(session_id)
 
-    def propose(self, req: ProposeRequest) -> bytes:
+    def speculate(self, session_id: str, gamma: int) -> None:
         try:
-            return codec.encode(self.worker.propose(req))
+            self.worker.speculate(session_id, gamma)
+        except Exception:  # speculation is an optimisation: a failure only means no reuse
+            pass
+
+    def propose(self, req: ProposeRequest) -> bytes | ray.ObjectRef:
+        try:
+            frame = codec.encode(self.worker.propose(req))
         except Exception as exc:  # answered, not raised: the round fails, the actor keeps serving
-            return codec.encode(ErrorMessage(req.session_id, req.round, type(exc).__name__, str(exc)))
+            frame = _error(req, type(exc).__name__, f"draft: {exc}")
+        return _hand_on(frame, self.by_reference)
 
 
 @ray.remote
 class StageActor(_Base):
     """One target stage on an edge node."""
 
-    def __init__(self, spec: WorkerSpec, inbound: InboundLink | None) -> None:
+    def __init__(self, spec: WorkerSpec, inbound: InboundLink | None, by_reference: bool = False) -> None:
         model = _load(spec)
         super().__init__(model.vocab_size, inbound)
         self.worker = TargetStage(model)
+        self.by_reference = by_reference  # hand frames on by reference (see _hand_on)
 
     def ready(self) -> dict:
         return {"vocab_size": self.vocab_size, "layers": list(self.worker.model.layers), **self.node_info()}
@@ -133,17 +181,38 @@ class StageActor(_Base):
     def close(self, session_id: str) -> None:
         self.worker.close(session_id)
 
-    async def step(self, data: bytes) -> bytes:
+    async def step(self, data: bytes | ray.ObjectRef) -> bytes | ray.ObjectRef:
+        """One round's message (bytes, or a reference to them on the sender's node) -> the next
+        stage's frame, or the verdict (bytes, for the driver) on the last stage."""
+        frame = await self._step(data)
+        return frame if self.worker.model.is_last else _hand_on(frame, self.by_reference)
+
+    async def _step(self, data: bytes | ray.ObjectRef) -> bytes:
         t_arrive = time.perf_counter()
         try:
+            if isinstance(data, ray.ObjectRef):
+                data = await data
             msg = await self._receive(data)
-        except codec.ProtocolError as exc:
-            return codec.encode(ErrorMessage("", 0, "ProtocolError", str(exc)))
+        except Exception as exc:  # not a frame at all (wrong type, garbage, lost): the sender's error
+            return _error(None, type(exc).__name__, f"stage {self.worker.model.layers}: {exc}")
         if isinstance(msg, ErrorMessage):
             return data
         try:
             return codec.encode(self.worker.step(msg))
         except Exception as exc:
-            p = getattr(msg, "proposal", msg)
             where = f"stage {self.worker.model.layers} after {1e3 * (time.perf_counter() - t_arrive):.0f} ms"
-            return codec.encode(ErrorMessage(p.session_id, p.round, type(exc).__name__, f"{where}: {exc}"))
+            return _error(msg, type(exc).__name__, f"{where}: {exc}")
+
+
+@ray.remote
+class EchoActor:
+    """An actor that does nothing, shaped like the stage actors (async): measures Ray's own cost."""
+
+    async def ping(self) -> None:
+        return None
+
+    async def size(self, data: bytes) -> int:
+        return len(data)
+
+    async def payload(self, nbytes: int) -> bytes:
+        return b"\x5a" * nbytes

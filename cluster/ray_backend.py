@@ -2,13 +2,16 @@
 
 The scheduler is the same as in process; only the two small interfaces change. A round is one chain
 of object references, draft -> stage 0 -> ... -> last stage, and the driver fetches only the final,
-few-dozen-byte verdict, with a deadline.
+few-dozen-byte verdict, with a deadline. Every remote wait goes through :class:`RemoteCalls`, which
+turns a dead or silent worker into a :class:`RemoteError` naming it.
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import statistics
+import time
+from dataclasses import dataclass, field
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -16,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from specmesh.actors import hf
 from specmesh.actors.models import resolve
-from specmesh.actors.remote import DraftActor, InboundLink, StageActor, WorkerSpec
+from specmesh.actors.remote import DraftActor, EchoActor, InboundLink, StageActor, WorkerSpec
 from specmesh.runtime import codec
 from specmesh.runtime.config import SpecConfig
 from specmesh.runtime.interfaces import Backend, ModelInfo
@@ -34,73 +37,217 @@ ROUND_TIMEOUT_S = 300.0
 LOAD_TIMEOUT_S = 900.0
 # A sliver of a node's custom resource pins an actor to that node without limiting how many land.
 PIN = 0.001
+_REASON_CHARS = 400  # how much of a Ray error a RemoteError quotes
 
 
 class RemoteError(RuntimeError):
-    """A worker answered a round with an error message."""
+    """A round failed: a worker answered with an error message, died, or missed its deadline."""
+
+
+@dataclass
+class _Worker:
+    """One actor and what is known of where it runs (filled by its readiness answer)."""
+
+    role: str  # "draft", "stage0", ...
+    handle: object  # the Ray actor handle
+    info: dict = field(default_factory=dict)  # pid, node_id, ip, threads, ...
+
+    def __str__(self) -> str:
+        if not self.info:
+            return self.role
+        return f"{self.role} (pid {self.info['pid']} on node {self.info['node_id'][:8]})"
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A proposal in flight: the draft actor's ``ObjectRef`` and the round it belongs to."""
+
+    ref: ray.ObjectRef
+    session_id: str
+    round: int
+
+
+def _reason(exc: BaseException) -> str:
+    """The first and last lines of a Ray error (what died, and why), shortened."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " | ".join(dict.fromkeys(lines[:1] + lines[-1:])) or type(exc).__name__
+    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
+
+
+class RemoteCalls:
+    """Every remote wait of one pipeline, each with a deadline, and the workers that stopped answering.
+
+    A wait that fails because a worker died or missed the deadline raises :class:`RemoteError` naming
+    the worker and marks it unresponsive; the worker leaves that set as soon as it answers again.
+    Bookkeeping after such a failure (closing the session, reading the byte counters: the scheduler
+    does both in a ``finally``) skips unresponsive workers, so that it neither waits on them again
+    nor hides the round's error behind its own.
+
+    Attributes:
+        timeout_s: deadline of every wait after start-up (a round's verdict, open, close, counters).
+    """
+
+    def __init__(self, timeout_s: float = ROUND_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self.unresponsive: set[str] = set()  # roles of workers that died or missed a deadline
+
+    def call(self, workers: list[_Worker], method: str, *args, timeout_s: float | None = None,
+             best_effort: bool = False) -> list:
+        """Calls ``method(*args)`` on every worker and waits for all answers, with the deadline.
+
+        Returns:
+            One answer per worker; with ``best_effort``, None for a worker that is skipped (already
+            unresponsive) or fails, which is logged instead of raised.
+
+        Raises:
+            RemoteError: a worker died or did not answer in time (unless ``best_effort``).
+            The worker's own exception, when the method raised it (the worker keeps serving).
+        """
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        asked = [w for w in workers if not (best_effort and w.role in self.unresponsive)]
+        refs = {w.role: getattr(w.handle, method).remote(*args) for w in asked}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout) if refs else ([], [])
+        ready = set(ready)
+        answers, failures = [], []
+        for w in workers:
+            ref = refs.get(w.role)
+            if ref is None:
+                answers.append(None)
+                continue
+            try:
+                if ref not in ready:
+                    raise RemoteError(f"{w} did not answer {method} within {timeout:g} s")
+                answers.append(ray.get(ref))
+                self.unresponsive.discard(w.role)
+            except (RemoteError, ray.exceptions.RayActorError) as exc:
+                self.unresponsive.add(w.role)
+                failures.append(exc if isinstance(exc, RemoteError) else RemoteError(f"{w} died: {_reason(exc)}"))
+                answers.append(None)
+            except ray.exceptions.RayTaskError:  # the method raised; the actor lives on
+                if not best_effort:
+                    raise
+                answers.append(None)
+        if failures and not best_effort:
+            raise failures[0]
+        for exc in failures:
+            log.warning("%s (ignored: cleaning up after a failure)", exc)
+        return answers
+
+    def round_failed(self, chain: list[tuple[_Worker, ray.ObjectRef]], session_id: str, rnd: int,
+                     exc: BaseException) -> RemoteError:
+        """The error of a round whose verdict did not come: names the first worker of the chain
+        that died, failed or is still silent, and marks it unresponsive."""
+        where = f"round {rnd} of session {session_id}"
+        for worker, ref in chain:
+            done, _ = ray.wait([ref], timeout=0)
+            if not done:
+                self.unresponsive.add(worker.role)
+                return RemoteError(f"{where}: no verdict within {self.timeout_s:g} s; {worker} has not "
+                                   f"answered (stuck, or its node is unreachable)")
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayActorError as err:
+                self.unresponsive.add(worker.role)
+                return RemoteError(f"{where}: {worker} died: {_reason(err)}")
+            except ray.exceptions.RayError as err:
+                return RemoteError(f"{where}: {worker} failed: {_reason(err)}")
+        return RemoteError(f"{where}: {_reason(exc)}")
+
+
+class RayTraffic(TrafficMeter):
+    """The driver's view of the bytes: what it received itself plus every actor's meter."""
+
+    def __init__(self, workers: list[_Worker], calls: RemoteCalls) -> None:
+        super().__init__()
+        self._workers = workers
+        self._calls = calls
+
+    def snapshot(self, session: str | None = None) -> TrafficSnapshot:
+        # After a failed round some counters are unreadable; the generation is failing anyway.
+        merged = super().snapshot(session)
+        for snap in self._calls.call(self._workers, "traffic_snapshot", session,
+                                     best_effort=bool(self._calls.unresponsive)):
+            if snap is not None:
+                merged = merged.merged(snap)
+        return merged
+
+    def forget(self, session: str) -> None:
+        super().forget(session)
+        self._calls.call(self._workers, "forget_traffic", session, best_effort=True)
+
+
+class RayDrafter:
+    def __init__(self, worker: _Worker, calls: RemoteCalls) -> None:
+        self.worker = worker
+        self.calls = calls
+
+    @property
+    def actor(self):
+        return self.worker.handle
+
+    def open(self, msg: OpenSession) -> None:
+        self.calls.call([self.worker], "open", msg)
+
+    def close(self, session_id: str) -> dict:
+        return self.calls.call([self.worker], "close", session_id, best_effort=True)[0] or {}
+
+    def speculate(self, session_id: str, gamma: int) -> None:
+        # Fire and forget: the actor runs it after propose, while the stages verify.
+        self.actor.speculate.remote(session_id, gamma)
+
+    def propose(self, req: ProposeRequest) -> _Pending:
+        # An ObjectRef that the driver never fetches: it goes straight to stage 0.
+        return _Pending(self.actor.propose.remote(req), req.session_id, req.round)
+
+
+class RayTarget:
+    def __init__(self, stages: list[_Worker], draft: _Worker | None, downlink: links.LinkSpec,
+                 down_name: str, traffic: TrafficMeter, vocab_size: int, calls: RemoteCalls) -> None:
+        self.workers = stages
+        self.draft = draft
+        self.downlink = downlink
+        self.down_name = down_name
+        self.traffic = traffic
+        self.vocab_size = vocab_size
+        self.calls = calls
+
+    @property
+    def stages(self) -> list:
+        """The stage actor handles, in pipeline order."""
+        return [w.handle for w in self.workers]
+
+    def open(self, msg: OpenSession) -> None:
+        self.calls.call(self.workers, "open", msg)
+
+    def close(self, session_id: str) -> None:
+        self.calls.call(self.workers, "close", session_id, best_effort=True)
+
+    def verify(self, proposal) -> VerifyResult:
+        if isinstance(proposal, _Pending):
+            ref, session_id, rnd = proposal.ref, proposal.session_id, proposal.round
+            chain = [(self.draft, ref)]
+        else:  # target-only: the driver is the device and sends the proposal itself
+            ref, session_id, rnd = ray.put(codec.encode(proposal)), proposal.session_id, proposal.round
+            chain = []
+        for stage in self.workers:
+            ref = stage.handle.step.remote(ref)
+            chain.append((stage, ref))
+        try:
+            data = ray.get(ref, timeout=self.calls.timeout_s)
+        except ray.exceptions.RayError as exc:  # GetTimeoutError included
+            raise self.calls.round_failed(chain, session_id, rnd, exc) from None
+        self.traffic.record(self.down_name, DOWNLINK, len(data), session_id)
+        links.sleep_for(self.downlink, len(data))
+        msg = codec.decode(data, vocab_size=self.vocab_size)
+        if isinstance(msg, ErrorMessage):
+            raise RemoteError(f"round {msg.round} of session {msg.session_id} failed: {msg.code}: {msg.text}")
+        return msg
 
 
 @dataclass
 class _Placement:
     options: list[dict]  # Ray actor options per worker: draft first, then each stage
     group: object | None = None  # the placement group, removed on shutdown
-
-
-class RayTraffic(TrafficMeter):
-    """The driver's view of the bytes: what it received itself plus every actor's meter."""
-
-    def __init__(self, actors: list) -> None:
-        super().__init__()
-        self._actors = actors
-
-    def snapshot(self) -> TrafficSnapshot:
-        merged = super().snapshot()
-        for snap in ray.get([a.traffic_snapshot.remote() for a in self._actors], timeout=ROUND_TIMEOUT_S):
-            merged = merged.merged(snap)
-        return merged
-
-
-class RayDrafter:
-    def __init__(self, actor) -> None:
-        self.actor = actor
-
-    def open(self, msg: OpenSession) -> None:
-        ray.get(self.actor.open.remote(msg), timeout=ROUND_TIMEOUT_S)
-
-    def close(self, session_id: str) -> None:
-        ray.get(self.actor.close.remote(session_id), timeout=ROUND_TIMEOUT_S)
-
-    def propose(self, req: ProposeRequest):
-        return self.actor.propose.remote(req)  # an ObjectRef: never fetched by the driver
-
-
-class RayTarget:
-    def __init__(self, stages: list, downlink: links.LinkSpec, down_name: str, traffic: TrafficMeter,
-                 vocab_size: int, timeout_s: float) -> None:
-        self.stages = stages
-        self.downlink = downlink
-        self.down_name = down_name
-        self.traffic = traffic
-        self.vocab_size = vocab_size
-        self.timeout_s = timeout_s
-
-    def open(self, msg: OpenSession) -> None:
-        ray.get([s.open.remote(msg) for s in self.stages], timeout=ROUND_TIMEOUT_S)
-
-    def close(self, session_id: str) -> None:
-        ray.get([s.close.remote(session_id) for s in self.stages], timeout=ROUND_TIMEOUT_S)
-
-    def verify(self, proposal) -> VerifyResult:
-        ref = proposal if isinstance(proposal, ray.ObjectRef) else ray.put(codec.encode(proposal))
-        for stage in self.stages:
-            ref = stage.step.remote(ref)
-        data = ray.get(ref, timeout=self.timeout_s)
-        self.traffic.record(self.down_name, DOWNLINK, len(data))
-        links.sleep_for(self.downlink, len(data))
-        msg = codec.decode(data, vocab_size=self.vocab_size)
-        if isinstance(msg, ErrorMessage):
-            raise RemoteError(f"round {msg.round} of session {msg.session_id} failed: {msg.code}: {msg.text}")
-        return msg
 
 
 def _placement(topology: Topology, cluster: bool) -> _Placement:
@@ -153,49 +300,59 @@ def _build(config: SpecConfig, cluster: bool) -> Backend:
     placement = _placement(topology, cluster)
     hops = round_hops(topology)
     mode = topology.emulate
-    stages = []
-    actors = []
+    calls = RemoteCalls()
+    workers: list[_Worker] = []
     try:
         for i, layers in enumerate(split):
             hop = hops[i]
             link = links.emulated(hop.spec, mode, real_network=cluster)
             inbound = InboundLink(hop.name, hop.direction, None if link.is_ideal else link)
             spec = WorkerSpec(config.target, (layers.start, layers.stop), config.dtype, threads, config.cache_dir)
-            stages.append(StageActor.options(**placement.options[i + 1]).remote(spec, inbound))
-        actors.extend(stages)
-        drafter = None
+            handle = StageActor.options(**placement.options[i + 1]).remote(spec, inbound, cluster)
+            workers.append(_Worker(f"stage{i}", handle))
+        stages = list(workers)
+        draft = None
         if config.draft is not None:
             spec = WorkerSpec(config.draft, None, config.dtype, threads, config.cache_dir)
-            draft = DraftActor.options(**placement.options[0]).remote(spec)
-            actors.append(draft)
-            drafter = RayDrafter(draft)
+            draft = _Worker("draft", DraftActor.options(**placement.options[0]).remote(spec, cluster))
+            workers.append(draft)
         # Readiness: every actor has loaded its model (errors surface here, before any round).
-        ready = ray.get([a.ready.remote() for a in actors], timeout=LOAD_TIMEOUT_S)
-        if drafter is not None:
-            check_vocab(ready[-1]["vocab_size"], info.vocab_size, config)
+        try:
+            ready = calls.call(workers, "ready", timeout_s=LOAD_TIMEOUT_S)
+        except (RemoteError, ray.exceptions.RayError) as exc:
+            raise RuntimeError(f"a worker failed to start: {exc}") from None
+        for w, answer in zip(workers, ready):
+            w.info = answer
+        if draft is not None:
+            check_vocab(draft.info["vocab_size"], info.vocab_size, config)
     except BaseException:
-        _kill(actors, placement)
+        _kill(workers, placement)
         raise
-    traffic = RayTraffic(actors)
+    traffic = RayTraffic(workers, calls)
     down = hops[-1]
     downlink = links.emulated(down.spec, mode, real_network=cluster)
-    target = RayTarget(stages, downlink, down.name, traffic, info.vocab_size, ROUND_TIMEOUT_S)
+    target = RayTarget(stages, draft, downlink, down.name, traffic, info.vocab_size, calls)
+    drafter = RayDrafter(draft, calls) if draft is not None else None
     backend = Backend(drafter, target, info, hf.load_tokenizer(target_dir), traffic,
                       device_links=(hops[0].name, hops[-1].name))
-    backend.close = lambda: _kill(actors, placement)
-    backend.workers = [{"role": n, **r} for n, r in zip(
-        [f"stage{i}" for i in range(len(stages))] + ["draft"], ready)]
+    backend.close = lambda: _kill(workers, placement)
+    backend.workers = [{"role": w.role, **w.info} for w in workers]
     return backend
 
 
-def _kill(actors: list, placement: _Placement) -> None:
-    for a in actors:
+def _kill(workers: list[_Worker], placement: _Placement) -> None:
+    """Stops every worker and releases the placement group; safe to call twice."""
+    for w in workers:
         try:
-            ray.kill(a, no_restart=True)
-        except Exception:  # already gone
+            ray.kill(w.handle, no_restart=True)
+        except Exception:  # already gone, or Ray already shut down
             pass
     if placement.group is not None:
-        remove_placement_group(placement.group)
+        try:
+            remove_placement_group(placement.group)
+        except Exception:
+            pass
+        placement.group = None
 
 
 def build_local(config: SpecConfig) -> Backend:
@@ -215,3 +372,40 @@ def build_cluster(config: SpecConfig) -> Backend:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
     return _build(config, cluster=True)
+
+
+def shutdown() -> None:
+    """Disconnects this process from Ray; stops the local Ray that :func:`build_local` started."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def call_latency(payload_bytes: int, calls: int) -> dict[str, float]:
+    """Median milliseconds of Ray actor calls on the Ray this process is connected to (benchmarks).
+
+    Measures, with two fresh async actors like the stage actors: an empty call driver -> actor; a call
+    carrying ``payload_bytes`` driver -> actor; and ``payload_bytes`` made by one actor and consumed
+    by the next as an ``ObjectRef`` (the way a round's messages travel), fetching only its size.
+    """
+    a, b = EchoActor.options(num_cpus=0).remote(), EchoActor.options(num_cpus=0).remote()
+    try:
+        ray.get([a.ping.remote(), b.ping.remote()], timeout=LOAD_TIMEOUT_S)
+        data = b"\x5a" * payload_bytes  # a bytes argument, put into the object store on every call
+        probes = {
+            "empty call": lambda: a.ping.remote(),
+            "payload call": lambda: a.size.remote(data),
+            "actor -> actor payload": lambda: b.size.remote(a.payload.remote(payload_bytes)),
+        }
+        out = {}
+        for name, submit in probes.items():
+            ray.get(submit(), timeout=ROUND_TIMEOUT_S)  # warm-up
+            times = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                ray.get(submit(), timeout=ROUND_TIMEOUT_S)
+                times.append((time.perf_counter() - t0) * 1e3)
+            out[name] = statistics.median(times)
+        return out
+    finally:
+        for actor in (a, b):
+            ray.kill(actor, no_restart=True)
