@@ -22,12 +22,26 @@ _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# CPU instruction sets with native bf16 arithmetic (torch.backends.cpu.get_cpu_capability()).
+_BF16_CAPABLE = ("AVX512_BF16", "AMX")
+
+
 def resolve_dtype(name: str) -> torch.dtype:
-    """Maps a dtype name ("float32", "bfloat16", "float16") to torch, with a clear error."""
+    """Maps a dtype name ("auto", "float32", "bfloat16", "float16") to torch, with a clear error.
+
+    "auto" is bf16 where the hardware computes in bf16 (a GPU, or a CPU with AVX512-BF16 / AMX),
+    float32 elsewhere: on an AVX2-only CPU bf16 matrix products are emulated and scale with the
+    token count (measured here: 16 tokens in one forward 3984 ms in bf16, 1276 ms in fp32; one
+    token 295 vs 321 ms), which would make verifying a round as dear as decoding its tokens.
+    """
+    if name == "auto":
+        capability = torch.backends.cpu.get_cpu_capability().upper()
+        native = torch.cuda.is_available() or any(c in capability for c in _BF16_CAPABLE)
+        return torch.bfloat16 if native else torch.float32
     try:
         return _DTYPES[name]
     except KeyError:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
+        raise ValueError(f"dtype must be one of {['auto', *sorted(_DTYPES)]}, got {name!r}") from None
 
 
 def load_config(model_dir: str | Path) -> PretrainedConfig:

@@ -83,7 +83,7 @@ class Summary:
     acceptance_rate: float
     bytes_up_per_token: float
     bytes_down_per_token: float
-    same_output_as_baseline: bool
+    same_output_as_baseline: bool | None  # None when no baseline ran
 
 
 def summarise(runs: list[Run], baseline: str = BASELINE.label) -> list[Summary]:
@@ -113,7 +113,7 @@ def summarise(runs: list[Run], baseline: str = BASELINE.label) -> list[Summary]:
             bytes_down_per_token=sum(r.result.stats.bytes_down for r in rs) / tokens if tokens else 0.0,
             same_output_as_baseline=all(
                 base_outputs.get(r.prompt_id) == r.result.output_ids for r in rs
-            ) if base_outputs else False,
+            ) if base_outputs else None,
         ))
     return out
 

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gamma", type=int, default=4, help="draft depth per round")
     p.add_argument("--width", type=int, default=2, help="siblings per depth of the tree variant")
     p.add_argument("--sparse-k", type=int, default=16, help="top-K entries per drafted position")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto: bf16 only where the hardware computes in it")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--json", type=Path, help="write every raw figure here")
     args = p.parse_args(argv)

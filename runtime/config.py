@@ -10,7 +10,7 @@ from specmesh.policies.sparsify import SPARSIFIERS
 from .messages import SamplingParams
 
 BACKENDS = ("inproc", "local", "cluster")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
 
@@ -37,13 +37,15 @@ class SpecConfig:
         max_new_tokens: generation length limit.
         stop: strings that end generation (needs a tokenizer).
         seed: root of every random draw; a seeded run repeats exactly.
-        dtype: model dtype ("bfloat16" on CPU; "float32" for exact-equality tests).
+        dtype: model dtype; "auto" = bf16 where the hardware computes in bf16, else float32.
         backend: "inproc" (one process), "local" (Ray on this machine), "cluster" (a Ray cluster).
         threads: torch threads per worker (None: the process default).
         cache_dir: model cache directory (None: $SPECMESH_CACHE or the user cache dir).
         topology: a topology file for the Ray backends (nodes, links, stage placement).
-        overlap: draft the next round while this one is verified (None: on for the Ray backends,
-            where the draft has its own process; off in process, where it would only add work).
+        overlap: draft the next round while this one is verified (None: on for the cluster
+            backend, where the draft has a machine of its own; off in process and in local mode,
+            where the speculating draft would compete with the stages for the same cores).
+        timeout_s: deadline of every remote wait of a round on the Ray backends.
     """
 
     target: str = DEFAULT_TARGET
@@ -62,12 +64,13 @@ class SpecConfig:
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()
     seed: int = 0
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     backend: str = "inproc"
     threads: int | None = None
     cache_dir: str | None = None
     topology: str | None = None
     overlap: bool | None = None
+    timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not self.target:
@@ -90,6 +93,8 @@ class SpecConfig:
             raise ValueError(f"sparse_mass must be in (0, 1], got {self.sparse_mass}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
         if self.dtype not in DTYPES:

