@@ -104,7 +104,8 @@ def demo(
                                             help="Topology TOML. [default: the shipped one_machine.toml: 2 stages, 20 ms links]"),
     prompts: str = typer.Option(",".join(map(str, DEMO_PROMPTS)), help="HumanEval problem indices, comma-separated."),
     max_new_tokens: int = typer.Option(DEMO_MAX_NEW_TOKENS, help="Tokens per prompt."),
-    gamma: int = typer.Option(4, help="Draft tokens per round."),
+    gamma: int = typer.Option(6, help="Draft depth of the first round."),
+    draft_length: str = typer.Option("heuristic", help="fixed | heuristic (+2 after a fully accepted round, -1 otherwise)."),
     dense: bool = typer.Option(True, help="Also measure dense-q transmission (the classic baseline) on the first prompt."),
 ) -> None:
     """The main job: the bundled pair, target split in two stages over modelled device-edge links;
@@ -118,7 +119,8 @@ def demo(
     except ValueError:
         raise typer.BadParameter(f"--prompts must be comma-separated integers, got {prompts!r}") from None
     path = topology or example_path(DEMO_TOPOLOGY)
-    cfg = _config(path, None, None, False, backend=backend, max_new_tokens=max_new_tokens, gamma=gamma)
+    cfg = _config(path, None, None, False, backend=backend, max_new_tokens=max_new_tokens, gamma=gamma,
+                  draft_length=draft_length)
     report.run_and_report(cfg, humaneval(indices), compare=True, dense=dense, console=console, out=out)
 
 
