@@ -205,3 +205,18 @@ def test_close_releases_the_actors_and_the_placement_group(ray_cluster, topologi
     engine.close()  # twice is harmless
     assert len(started) == 1 and set(wait_dead(started).values()) == {"DEAD"}
     assert ray.util.placement_group_table()[group]["state"] == "REMOVED"
+
+
+@pytest.mark.parametrize("kw", [dict(gamma=4), dict(gamma=3, tree_width=2),
+                                dict(temperature=1.0, seed=7, gamma=4),
+                                dict(temperature=0.8, seed=3, gamma=3, tree_width=3)])
+def test_overlap_never_changes_the_output_on_the_cluster(engines, kw):
+    """DSD overlap (the draft speculating on the verdict in its own process) on a multi-node
+    cluster: greedy and seeded sampled outputs equal overlap off and the in-process backend."""
+    engine, inproc = engines[2]
+    on = engine.generate(PROMPT, overlap=True, **kw)
+    off = engine.generate(PROMPT, overlap=False, **kw)
+    want = inproc.generate(PROMPT, overlap=False, **kw)
+    assert on.output_ids == off.output_ids == want.output_ids
+    assert [r.accepted for r in on.stats.records] == [r.accepted for r in want.stats.records]
+    assert on.stats.draft_counters["speculated"] > 0 and off.stats.draft_counters["speculated"] == 0
