@@ -137,6 +137,8 @@ def bench(
     bandwidth_mbps: float = typer.Option(float("inf"), help="Bandwidth of every modelled link in Mbit/s. [default: unlimited]"),
     seed: int = typer.Option(0, help="Seed of every run and of the tiny models' prompts."),
     threads: Optional[int] = typer.Option(None, help="Torch threads, for SpecMesh and the transformers peer alike. [default: 1 tiny, 2 bundled]"),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16, for both alike. [default: float32 tiny, auto bundled]"),
+    cache_dir: Optional[Path] = typer.Option(None, help="Model cache directory. [default: $SPECMESH_CACHE or the user cache dir]"),
 ) -> None:
     """Benchmark suite: every figure measured side by side with its baseline, in one process run.
 
@@ -155,8 +157,8 @@ def bench(
         options = suite.BenchOptions(
             out=out, scenarios=tuple(scenario or suite.SCENARIOS), models=models, quick=quick, repeats=repeats,
             problems=tuple(int(i) for i in problems.split(",")), max_new_tokens=max_new_tokens,
-            temperature=temperature, bandwidth_mbps=bandwidth_mbps, seed=seed, threads=threads,
-            command="specmesh " + " ".join(sys.argv[1:]),
+            temperature=temperature, bandwidth_mbps=bandwidth_mbps, seed=seed, threads=threads, dtype=dtype,
+            cache_dir=str(cache_dir) if cache_dir else None, command="specmesh " + " ".join(sys.argv[1:]),
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

@@ -1,0 +1,340 @@
+"""Writes what ``specmesh bench`` measured: ``results.json``, ``report.md`` and one PNG per scenario.
+
+Everything here reads the results dictionary alone (as built by :mod:`specmesh.benchmarks.suite`), so
+a report can be rebuilt from a results file: ``python -m specmesh.benchmarks.report bench-out``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = "results.json"
+REPORT = "report.md"
+BASELINE = "target-only"
+_DPI = 110
+
+
+def clean(value):
+    """JSON-safe copy: tuples and paths become lists and strings, nan becomes null, inf "inf"."""
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(results: dict, out: Path) -> Path:
+    """Writes ``results.json`` (strict JSON: no NaN, no Infinity) into ``out``; returns its path."""
+    path = Path(out) / RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(clean(results), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def write(results: dict, out: Path) -> list[Path]:
+    """Writes the results file, the plots and the Markdown report into ``out``; returns their paths."""
+    out = Path(out)
+    paths = [write_json(results, out)]
+    data = clean(results)
+    images = {}
+    for name, section in data["scenarios"].items():
+        plot = PLOTS.get(name)
+        if plot is not None and not section.get("skipped"):
+            images[name] = plot(section, out / f"{name}.png")
+            paths.append(images[name])
+    paths.append(out / REPORT)
+    paths[-1].write_text(markdown(data, {k: p.name for k, p in images.items()}), encoding="utf-8")
+    return paths
+
+
+# ----- formatting -----
+
+def fmt(s: dict | None, spec: str = ".2f", suffix: str = "") -> str:
+    """A :func:`suite.stat` as ``mean (min..max)``, or just the mean when the range is a point."""
+    if not s or s.get("mean") is None:
+        return "-"
+    mean = f"{s['mean']:{spec}}{suffix}"
+    if f"{s['min']:{spec}}" == f"{s['max']:{spec}}":
+        return mean
+    return f"{mean} ({s['min']:{spec}}..{s['max']:{spec}})"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _yes(flag: bool | None) -> str:
+    return "-" if flag is None else ("yes" if flag else "no")
+
+
+def _seconds(s: float | None) -> str:
+    return "-" if s is None else f"{s:.0f} s ({s / 60:.1f} min)"
+
+
+def markdown(r: dict, images: dict[str, str]) -> str:
+    """The whole report."""
+    m, mach = r["models"], r["machine"]
+    lines = [
+        "# SpecMesh benchmark report", "",
+        f"Reproduce: `{r['command']}`", "",
+        f"- created {r['created']}; total run time {_seconds(r.get('elapsed_s'))}",
+        f"- models: target `{m['target']}`, draft `{m['draft']}`, dtype {m['dtype']} "
+        f"({m.get('dtype_resolved', m['dtype'])} here), {r['threads']} torch thread(s), "
+        f"seed {r['seed']}, {r['repeats']} repetition(s)",
+        f"- machine: {mach['platform']}, {mach['cpu_count']} CPUs ({mach.get('cpus_usable')} usable), "
+        f"{mach['memory_gib']} GiB; load average at start {_load(mach.get('loadavg_start'))}, "
+        f"at end {_load(mach.get('loadavg_end'))} (a shared machine makes timings noisy)",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
+        "- figures: mean over the repetitions, min..max in parentheses; every ratio is taken within one "
+        "repetition from measured tokens/s or bytes, the baseline run side by side in the same process "
+        "run (interleaved per prompt), same prompts, links and seeds.",
+        "",
+    ]
+    for name, section in r["scenarios"].items():
+        lines += SECTIONS[name](section, images.get(name))
+        lines += [f"Run time: {_seconds(section.get('elapsed_s'))}.", ""]
+    return "\n".join(lines)
+
+
+def _load(avg) -> str:
+    return "-" if not avg else "/".join(f"{x:.1f}" for x in avg)
+
+
+def _bandwidth(mbps) -> str:
+    return "unlimited" if mbps == "inf" else f"{mbps:g} Mbit/s"
+
+
+def _config_line(cfg: dict) -> str:
+    return (f"gamma {cfg['gamma']} ({cfg['draft_length']}), sparsifier {cfg['sparsifier']} "
+            f"(k {cfg['sparse_k']}), acceptance {cfg['acceptance']}, temperature {cfg['temperature']}")
+
+
+# ----- sections -----
+
+def section_latency(s: dict, image: str | None) -> list[str]:
+    pts = s["points"]
+    stages = list(dict.fromkeys(p["num_stages"] for p in pts))
+    lats = list(dict.fromkeys(p["latency_ms"] for p in pts))
+    cell = {(p["num_stages"], p["latency_ms"]): p for p in pts}
+    lines = ["## latency: speedup over target-only pipelined decoding vs per-hop link latency", "",
+             f"Prompts {', '.join(s['prompts'])}; {s['max_new_tokens']} new tokens; SpecMesh "
+             f"{_config_line(pts[0]['config'])}. Every hop of a round (device -> stage 1 -> ... -> device) "
+             f"has the stated latency; bandwidth {_bandwidth(s['bandwidth_mbps'])}. "
+             "Speedup = SpecMesh tokens/s / target-only tokens/s:", ""]
+    rows = [[f"{n} stage(s)"] + [fmt(cell[(n, lat)]["summary"]["specmesh"]["speedup"], ".2f", "x")
+                                 if (n, lat) in cell else "-" for lat in lats] for n in stages]
+    lines += _table(["stages \\ latency per hop"] + [f"{lat:g} ms" for lat in lats], rows) + [""]
+    detail = []
+    for p in pts:
+        base, spec = p["summary"][BASELINE], p["summary"]["specmesh"]
+        detail.append([p["num_stages"], f"{p['latency_ms']:g}", fmt(base["tokens_per_s"]),
+                       fmt(spec["tokens_per_s"]), fmt(spec["mean_accepted_length"]), fmt(spec["acceptance_rate"]),
+                       _yes(spec["same_output_as_baseline"])])
+    lines += _table(["stages", "ms/hop", "target-only tok/s", "SpecMesh tok/s", "mean acc. len", "acceptance",
+                     "same output"], detail) + [""]
+    return lines + ([f"![latency]({image})", ""] if image else [])
+
+
+# Columns of the per-variant tables: header -> how a variant's summary is shown.
+_COLUMNS = {
+    "tok/s": lambda x: fmt(x["tokens_per_s"]),
+    "speedup": lambda x: fmt(x["speedup"], ".2f", "x"),
+    "mean acc. len": lambda x: fmt(x["mean_accepted_length"]),
+    "acceptance": lambda x: fmt(x["acceptance_rate"]),
+    "uplink B/token": lambda x: fmt(x["bytes_up_per_token"], ".0f"),
+    "downlink B/token": lambda x: fmt(x["bytes_down_per_token"], ".0f"),
+    "saving vs dense": lambda x: fmt(x.get("uplink_saving_vs_dense"), ".1f", "x"),
+    "same output": lambda x: _yes(x["same_output_as_baseline"]),
+}
+
+
+def _variant_table(s: dict, first: str, columns: list[str]) -> list[str]:
+    rows = [[v["label"]] + [_COLUMNS[c](s["summary"][v["label"]]) for c in columns] for v in s["variants"]]
+    return _table([first] + columns, rows) + [""]
+
+
+def section_gamma(s: dict, image: str | None) -> list[str]:
+    lines = ["## gamma: mean accepted length and speedup vs gamma, per draft-length policy", "",
+             f"Prompts {', '.join(s['prompts'])}; {s['max_new_tokens']} new tokens; {s['num_stages']} stage(s), "
+             f"links {s['links']}; greedy. Mean accepted length counts the bonus/correction token "
+             "(target-only = 1). `heuristic` starts at the stated gamma (+2 after a full acceptance, -1 "
+             "otherwise).", ""]
+    lines += _variant_table(s, "variant", ["tok/s", "speedup", "mean acc. len", "acceptance", "same output"])
+    return lines + ([f"![gamma]({image})", ""] if image else [])
+
+
+def section_sparsifier(s: dict, image: str | None) -> list[str]:
+    lines = ["## sparsifier: uplink bytes per generated token and acceptance vs q sparsifier", "",
+             f"Prompts {', '.join(s['prompts'])}; {s['max_new_tokens']} new tokens; sampling at temperature "
+             f"{s['temperature']} (greedy q is one-hot: every sparsifier would accept alike); vocabulary "
+             f"{s['vocab_size']}; links {s['links']}. Uplink = every device -> stage-0 message (codec bytes, "
+             "zstd above its threshold). top-p is uncapped. Speedup vs target-only; saving = dense uplink "
+             "bytes / this sparsifier's.", ""]
+    lines += _variant_table(s, "sparsifier", ["uplink B/token", "saving vs dense", "acceptance", "mean acc. len",
+                                              "downlink B/token", "tok/s", "speedup"])
+    return lines + ([f"![sparsifier]({image})", ""] if image else [])
+
+
+def section_hf(s: dict, image: str | None) -> list[str]:
+    summ = s["summary"]
+    variants = ["target-only", "specmesh", "hf-greedy", "hf-assisted"]
+    lines = ["## hf: SpecMesh in-process vs transformers assisted generation", "",
+             f"Prompts {', '.join(s['prompts'])}; up to {s['max_new_tokens']} new tokens (both stop at EOS); "
+             f"greedy; {s['threads']} torch thread(s) for both; SpecMesh {_config_line(s['config'])}, one "
+             f"stage, links {s['links']}. transformers `generate(assistant_model=draft, do_sample=False)` with "
+             f"the assistant's settings as shipped: {s['assistant_settings']} (None = transformers' default).",
+             ""]
+    ratio_cols = [k for k in next(iter(summ.values())) if not k.startswith("tokens_per_s ")]
+    rows = [[scope] + [fmt(e[f"tokens_per_s {v}"]) for v in variants] + [fmt(e[k], ".2f", "x") for k in ratio_cols]
+            for scope, e in summ.items()]
+    lines += _table(["prompt"] + [f"{v} tok/s" for v in variants] + ratio_cols, rows) + [""]
+    lines += ["Outputs (the first repetition; a split is checked against the target's logits from one "
+              "forward over the shared prefix; near tie = the two tokens' logits within "
+              f"{s['near_tie_logits']} of each other):", ""]
+    rows = []
+    for entry in s["identity"]:
+        for pair in [k for k in entry if " vs " in k]:
+            d = entry[pair]
+            split = "-" if d["identical"] else (
+                f"lengths {d['len_a']}/{d['len_b']}" if "index" not in d else
+                f"token {d['index']}: {d.get('text_a', d['token_a'])!r} vs {d.get('text_b', d['token_b'])!r}")
+            rows.append([entry["prompt_id"], pair, _yes(d["identical"]), split,
+                         f"{d['margin']:.3f}" if "margin" in d else "-", _yes(d.get("near_tie"))])
+    lines += _table(["prompt", "outputs", "identical", "first split", "logit margin", "near tie"], rows) + [""]
+    return lines + ([f"![hf]({image})", ""] if image else [])
+
+
+def section_quality(s: dict, image: str | None) -> list[str]:
+    lines = ["## quality: HumanEval pass@1", ""]
+    checks = s["self_check"]
+    harness = ", ".join(f"{c['task_id']} canonical {c['canonical']}, empty {c['empty']}" for c in checks)
+    if s.get("skipped"):
+        return lines + [f"Skipped: {s['skipped']}.", "", f"Harness self-check: {harness}.", ""]
+    lossy = ", ".join(s["lossy_policies"]) or "none registered besides exact"
+    lines += [f"Problems {', '.join(s['problems'])}; greedy, up to {s['max_new_tokens']} new tokens, stop "
+              f"sequences {s['stop']!r}; each completion run against the problem's tests in its own Python "
+              f"subprocess with a timeout. Lossy acceptance policies: {lossy}.", ""]
+    rows = []
+    for v in s["variants"]:
+        label = v["label"]
+        mine = [r for r in s["runs"] if r["variant"] == label]
+        x = s["summary"][label]
+        rows.append([label, f"{s['pass_at_1'][label]:.3f}", f"{sum(r['passed'] for r in mine)}/{len(mine)}",
+                     fmt(x["tokens_per_s"]), fmt(x["speedup"], ".2f", "x"), _yes(x["same_output_as_baseline"])])
+    lines += _table(["variant", "pass@1", "passed", "tok/s", "speedup", "same output"], rows) + [""]
+    rows = [[r["prompt_id"], r["variant"], r["tokens"], r["finish_reason"], r["result"]] for r in s["runs"]]
+    lines += _table(["problem", "variant", "tokens", "finish", "verdict"], rows) + [""]
+    lines += [f"Harness self-check: {harness}.", ""]
+    return lines + ([f"![quality]({image})", ""] if image else [])
+
+
+SECTIONS = {"latency": section_latency, "gamma": section_gamma, "sparsifier": section_sparsifier,
+            "hf": section_hf, "quality": section_quality}
+
+
+# ----- plots -----
+
+def _errorbar(ax, xs, stats, **kw):
+    means = [st["mean"] for st in stats]
+    lo = [st["mean"] - st["min"] for st in stats]
+    hi = [st["max"] - st["mean"] for st in stats]
+    ax.errorbar(xs, means, yerr=[lo, hi], marker="o", capsize=3, **kw)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_latency(s: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for n in dict.fromkeys(p["num_stages"] for p in s["points"]):
+        pts = [p for p in s["points"] if p["num_stages"] == n]
+        _errorbar(ax, [p["latency_ms"] for p in pts], [p["summary"]["specmesh"]["speedup"] for p in pts],
+                  label=f"{n} stage(s)")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="link latency per hop (ms)", ylabel="speedup over target-only",
+           title="SpecMesh speedup vs link latency")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_gamma(s: dict, path: Path) -> Path:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
+    policies: dict[str, list] = {}
+    for v in s["variants"]:
+        if "gamma" in v["overrides"]:
+            policies.setdefault(v["overrides"]["draft_length"], []).append(v)
+    for policy, vs in policies.items():
+        xs = [v["overrides"]["gamma"] for v in vs]
+        _errorbar(a1, xs, [s["summary"][v["label"]]["mean_accepted_length"] for v in vs], label=policy)
+        _errorbar(a2, xs, [s["summary"][v["label"]]["speedup"] for v in vs], label=policy)
+    a1.set(xlabel="gamma (initial for heuristic)", ylabel="mean accepted length", title="tokens per round")
+    a2.set(xlabel="gamma (initial for heuristic)", ylabel="speedup over target-only", title="speedup")
+    a2.axhline(1.0, color="grey", lw=0.8, ls="--")
+    for ax in (a1, a2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_sparsifier(s: dict, path: Path) -> Path:
+    labels = [v["label"] for v in s["variants"] if v["label"] != BASELINE]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a1.bar(labels, [s["summary"][x]["bytes_up_per_token"]["mean"] for x in labels], color="tab:blue")
+    a1.set(yscale="log", ylabel="uplink bytes per generated token", title="uplink bytes")
+    a2.bar(labels, [s["summary"][x]["acceptance_rate"]["mean"] for x in labels], color="tab:green")
+    a2.set(ylabel="acceptance rate", ylim=(0, 1), title=f"acceptance (temperature {s['temperature']})")
+    for ax in (a1, a2):
+        ax.tick_params(axis="x", rotation=45)
+        ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def plot_hf(s: dict, path: Path) -> Path:
+    variants = ["target-only", "specmesh", "hf-greedy", "hf-assisted"]
+    scopes = list(s["summary"])
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(scopes))]
+        ax.bar(xs, [s["summary"][sc][f"tokens_per_s {v}"]["mean"] or 0 for sc in scopes], width, label=v)
+    ax.set_xticks(range(len(scopes)), scopes)
+    ax.set(ylabel="tokens/s", title="SpecMesh vs transformers (greedy, same pair, same threads)")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def plot_quality(s: dict, path: Path) -> Path:
+    labels = [v["label"] for v in s["variants"]]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.bar(labels, [s["pass_at_1"][x] for x in labels], color="tab:purple")
+    ax.set(ylabel="pass@1", ylim=(0, 1.05), title=f"HumanEval pass@1 ({len(s['problems'])} problems)")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+PLOTS = {"latency": plot_latency, "gamma": plot_gamma, "sparsifier": plot_sparsifier, "hf": plot_hf,
+         "quality": plot_quality}
+
+
+if __name__ == "__main__":  # rebuild report.md and the plots from DIR/results.json
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "bench-out")
+    for p in write(json.loads((folder / RESULTS).read_text()), folder):
+        print(p)

@@ -1,0 +1,180 @@
+"""How ``specmesh bench`` measures: engines over modelled links, side-by-side runs, spreads.
+
+A :class:`Bench` holds one engine at a time (links are fixed when workers are built), runs variants
+side by side with their baseline (``benchmarks.compare.run_side_by_side``) ``repeats`` times, and keeps
+every raw run. Ratios are taken within one repetition (``compare.summarise``), then summarised as mean
+and min..max over the repetitions by :func:`stat`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from specmesh.cluster.topology import Topology, single_machine
+from specmesh.runtime.api import SpecMesh
+from specmesh.runtime.config import SpecConfig
+
+from .compare import BASELINE, Run, Summary, Variant, run_side_by_side, summarise
+from .prompts import humaneval
+
+if TYPE_CHECKING:
+    from .suite import BenchOptions, Grid, ModelSet
+
+TINY_PROMPTS = 3  # random token-id prompts for tiny models (they have no tokenizer)
+TINY_PROMPT_LEN = 12
+_SUMMARY_FIELDS = ("tokens_per_s", "speedup", "mean_accepted_length", "acceptance_rate",
+                   "bytes_up_per_token", "bytes_down_per_token", "wall_s", "tokens")
+
+
+def stat(values: list[float]) -> dict:
+    """Mean and range of one figure over repetitions (every value kept)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"mean": None, "min": None, "max": None, "values": values}
+    return {"mean": sum(finite) / len(finite), "min": min(finite), "max": max(finite), "values": values}
+
+
+def spread(per_repeat: list[list[Summary]]) -> dict[str, dict]:
+    """Per variant, every summary figure as :func:`stat` over the repetitions."""
+    out: dict[str, dict] = {}
+    for variant in [s.variant for s in per_repeat[0]]:
+        rows = [next(s for s in rep if s.variant == variant) for rep in per_repeat]
+        out[variant] = {f: stat([getattr(r, f) for r in rows]) for f in _SUMMARY_FIELDS}
+        same = [r.same_output_as_baseline for r in rows]  # None: no baseline ran
+        out[variant]["same_output_as_baseline"] = None if None in same else all(same)
+    return out
+
+
+def run_record(run: Run, repeat: int, decode: Callable | None) -> dict:
+    """Every raw figure of one run (JSON-ready)."""
+    s = run.result.stats
+    row = {
+        "prompt_id": run.prompt_id, "variant": run.variant, "repeat": repeat,
+        "prompt_tokens": s.prompt_tokens, "tokens": s.generated_tokens, "wall_s": s.wall_s,
+        "rounds": s.rounds, "drafted": s.drafted, "accepted": s.accepted,
+        "acceptance_rate": s.acceptance_rate, "mean_accepted_length": s.mean_accepted_length,
+        "per_position_acceptance": s.per_position_acceptance, "tokens_per_s": s.tokens_per_s,
+        "bytes_up": s.bytes_up, "bytes_down": s.bytes_down, "bytes_between_stages": s.bytes_between_stages,
+        "finish_reason": run.result.finish_reason, "output_ids": run.result.output_ids,
+    }
+    if decode is not None:
+        row["text"] = decode(run.result.output_ids)
+    return row
+
+
+class Bench:
+    """One ``specmesh bench`` invocation: options, the engine in use, progress, results."""
+
+    def __init__(self, options: BenchOptions, models: ModelSet, grid: Grid, console: Console,
+                 progress: Progress, checkpoint: Callable[[str, dict], None] | None = None) -> None:
+        self.options = options
+        self.grid = grid
+        self.models = models
+        self.threads = options.threads or models.threads
+        self.repeats = options.repeats or grid.repeats
+        self.console = console
+        self.progress = progress
+        self.checkpoint = checkpoint  # called with (label, measurement) after every measurement
+        self._engine: tuple[tuple, SpecMesh, Topology] | None = None
+        self._prompts: list[tuple[str, str | list[int]]] | None = None
+
+    def config(self, **kw) -> SpecConfig:
+        m = self.models
+        return SpecConfig(target=m.target, draft=m.draft, dtype=m.dtype, threads=self.threads,
+                          seed=self.options.seed, cache_dir=self.options.cache_dir, **kw)
+
+    def engine(self, num_stages: int, latency_ms: float) -> tuple[SpecMesh, Topology, Path]:
+        """The engine over ``num_stages`` stages on one machine, ``latency_ms`` per hop (links are
+        fixed when workers are built, so a new link means a new engine; one is kept at a time)."""
+        key = (num_stages, latency_ms)
+        topo = single_machine(num_stages, latency_ms, self.options.bandwidth_mbps, self.models.draft,
+                              self.models.target)
+        path = self.options.out / "topologies" / f"{num_stages}-stages-{latency_ms:g}ms.toml"
+        if self._engine is None or self._engine[0] != key:
+            self.close()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(topology_toml(topo), encoding="utf-8")
+            with self.console.status(f"loading {self.models.target} in {num_stages} stage(s)"):
+                engine = SpecMesh(self.config(num_stages=num_stages, topology=str(path)))
+            self._engine = (key, engine, topo)
+        return self._engine[1], topo, path
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine[1].close()
+            self._engine = None
+            gc.collect()
+
+    def prompts(self, scenario: str) -> list[tuple[str, str | list[int]]]:
+        if self._prompts is None:
+            if self.options.models == "tiny":
+                gen = torch.Generator().manual_seed(self.options.seed)
+                self._prompts = [(f"random-{i}", torch.randint(0, 255, (TINY_PROMPT_LEN,), generator=gen).tolist())
+                                 for i in range(TINY_PROMPTS)]
+            else:
+                self._prompts = humaneval(self.options.problems)
+        return self._prompts[: self.grid.prompts.get(scenario, len(self._prompts))]
+
+    def tokens(self, scenario: str) -> int:
+        if scenario != "quality" and self.options.max_new_tokens:
+            return self.options.max_new_tokens
+        return self.grid.tokens[scenario]
+
+    def measure(self, label: str, engine: SpecMesh, prompts, variants: list[Variant], *,
+                baseline: str = BASELINE.label, repeats: int | None = None, common: dict | None = None) -> dict:
+        """Runs ``variants`` side by side on ``prompts``, ``repeats`` times; raw runs and spreads."""
+        repeats = repeats or self.repeats
+        common = {"seed": self.options.seed, **(common or {})}
+        variants = [Variant(v.label, {**common, **v.overrides}) for v in variants]
+        task = self.progress.add_task(label, total=repeats * len(prompts) * len(variants))
+        decode = decoder(engine)
+        rows, per_repeat = [], []
+        for r in range(repeats):
+            runs = run_side_by_side(engine, prompts, variants, warmup=r == 0,
+                                    on_run=lambda _run: self.progress.advance(task))
+            rows += [run_record(run, r, decode) for run in runs]
+            per_repeat.append(summarise(runs, baseline))
+        self.progress.remove_task(task)
+        measured = {
+            "baseline": baseline, "repeats": repeats,
+            "variants": [{"label": v.label, "overrides": v.overrides} for v in variants],
+            "runs": rows, "per_repeat": [[dataclasses.asdict(s) for s in rep] for rep in per_repeat],
+            "summary": spread(per_repeat),
+        }
+        if self.checkpoint is not None:
+            self.checkpoint(label, measured)
+        return measured
+
+
+def decoder(engine: SpecMesh) -> Callable | None:
+    tok = engine.tokenizer
+    return (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else None
+
+
+def config_dict(engine: SpecMesh) -> dict:
+    """The engine's configuration, for the results file."""
+    return dataclasses.asdict(engine.config)
+
+
+def topology_toml(topo: Topology) -> str:
+    """A topology file for ``topo`` (one built by ``single_machine``: default link, no listed links)."""
+    def num(x: float) -> str:
+        return "inf" if math.isinf(x) else repr(float(x))
+
+    lines = [f'name = "{topo.name}"', f"stages = {list(topo.stages)!r}".replace("'", '"'), "",
+             "[models]", f'target = "{topo.models.target}"']
+    if topo.models.draft is not None:
+        lines.append(f'draft = "{topo.models.draft}"')
+    lines += ["", "[default_link]", f"latency_ms = {num(topo.default_link.latency_ms)}",
+              f"bandwidth_mbps = {num(topo.default_link.bandwidth_mbps)}"]
+    for node in topo.nodes:
+        lines += ["", "[[nodes]]", f'name = "{node.name}"', f'role = "{node.role}"']
+    return "\n".join(lines) + "\n"
+
