@@ -50,11 +50,17 @@ def write(results: dict, out: Path) -> list[Path]:
     images = {}
     for name, section in data["scenarios"].items():
         plot = PLOTS.get(name)
-        if plot is not None and not section.get("skipped"):
-            images[name] = plot(section, out / f"{name}.png")
-            paths.append(images[name])
+        if plot is None or section.get("skipped"):
+            continue
+        try:
+            images[name] = plot(section, out / f"{name}.png").name
+            paths.append(out / images[name])
+        except Exception as exc:  # a plot is a view of figures already saved: never lose a run to it
+            plt.close("all")
+            images[name] = None
+            section["plot_error"] = f"{type(exc).__name__}: {exc}"
     paths.append(out / REPORT)
-    paths[-1].write_text(markdown(data, {k: p.name for k, p in images.items()}), encoding="utf-8")
+    paths[-1].write_text(markdown(data, images), encoding="utf-8")
     return paths
 
 
@@ -104,6 +110,8 @@ def markdown(r: dict, images: dict[str, str]) -> str:
     ]
     for name, section in r["scenarios"].items():
         lines += SECTIONS[name](section, images.get(name))
+        if section.get("plot_error"):
+            lines += [f"(plot failed: {section['plot_error']})", ""]
         lines += [f"Run time: {_seconds(section.get('elapsed_s'))}.", ""]
     return "\n".join(lines)
 
@@ -248,8 +256,9 @@ SECTIONS = {"latency": section_latency, "gamma": section_gamma, "sparsifier": se
 
 def _errorbar(ax, xs, stats, **kw):
     means = [st["mean"] for st in stats]
-    lo = [st["mean"] - st["min"] for st in stats]
-    hi = [st["max"] - st["mean"] for st in stats]
+    # clamped: the mean of equal values may round a hair outside their range
+    lo = [max(0.0, st["mean"] - st["min"]) for st in stats]
+    hi = [max(0.0, st["max"] - st["mean"]) for st in stats]
     ax.errorbar(xs, means, yerr=[lo, hi], marker="o", capsize=3, **kw)
 
 

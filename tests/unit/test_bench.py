@@ -204,3 +204,9 @@ def test_a_run_cut_short_keeps_its_finished_measurements(tmp_path, monkeypatch):
         suite.run_bench(suite.BenchOptions(out=tmp_path, scenarios=("gamma",)), Console(file=io.StringIO()))
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["in_progress"] == [{"label": "gamma: first point", "runs": [{"tokens": 3, "wall_s": 0.5}]}]
+
+
+def test_error_bars_tolerate_a_mean_rounded_past_its_range(tmp_path):
+    st = {"mean": 1.0000000000000002, "min": 1.0, "max": 1.0, "values": [1.0, 1.0, 1.0]}
+    section = {"points": [{"num_stages": 1, "latency_ms": 0, "summary": {"specmesh": {"speedup": st}}}]}
+    assert report.plot_latency(section, tmp_path / "latency.png").read_bytes().startswith(PNG_MAGIC)
