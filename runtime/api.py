@@ -20,6 +20,9 @@ from .interfaces import Backend
 from .scheduler import Generation, StopRule
 from .stats import SessionStats
 
+# Fields that decide which workers exist: they cannot change per call.
+_BUILD_FIELDS = ("target", "num_stages", "dtype", "backend", "threads", "cache_dir", "topology")
+
 # backend name -> "module:function" building a Backend from a SpecConfig.
 _BACKEND_BUILDERS = {
     "inproc": "specmesh.cluster.inproc:build",
@@ -81,6 +84,12 @@ class SpecMesh:
     ) -> Generation:
         """A not-yet-started generation; ``overrides`` replace config fields for this call only
         (e.g. ``max_new_tokens``, ``temperature``, ``seed``, ``gamma``, ``stop``)."""
+        fixed = sorted(k for k in _BUILD_FIELDS if k in overrides and overrides[k] != getattr(self.config, k))
+        if fixed or overrides.get("draft") not in (None, self.config.draft):
+            raise ValueError(
+                f"{fixed or ['draft']} are fixed when the engine is built (only draft=None, for "
+                "target-only, may change per call); build another SpecMesh for other workers"
+            )
         cfg = dataclasses.replace(self.config, **overrides) if overrides else self.config
         drafter_missing = cfg.draft is not None and self.backend.drafter is None
         if drafter_missing:

@@ -261,3 +261,12 @@ def test_bf16_tree_round_runs(cache):
     with SpecMesh(_config(cache, dtype="bfloat16", max_new_tokens=12)) as engine:
         out = engine.generate(PROMPT, tree_width=3)
     assert len(out.output_ids) == 12 and out.stats.rounds < 12
+
+
+def test_build_time_fields_cannot_change_per_call(engines):
+    engine = engines[1]
+    with pytest.raises(ValueError, match=r"\['num_stages'\] are fixed when the engine is built"):
+        engine.generate(PROMPT, num_stages=2)
+    with pytest.raises(ValueError, match=r"\['draft'\] are fixed"):
+        engine.generate(PROMPT, draft="tiny-draft:noise=0.5")
+    assert engine.generate(PROMPT, draft=None, max_new_tokens=3).stats.drafted == 0
