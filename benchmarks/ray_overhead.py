@@ -63,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="tiny", help="target model (bundled name, dir, HF id, tiny[:...])")
     p.add_argument("--draft", default="tiny-draft", help="draft model (same forms)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 [default: float32 for tiny models, "
-                                                 "else bfloat16]")
+    p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 [default: float32 for tiny "
+                                                 "models, else auto, the engine's default]")
     p.add_argument("--stages", type=int, default=2, help="target pipeline stages [2]")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per round [4]")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per generation [32]")
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None, help="model cache [$SPECMESH_CACHE or the user cache]")
     args = p.parse_args(argv)
     if args.dtype is None:
-        args.dtype = "float32" if is_tiny(args.target) else "bfloat16"
+        args.dtype = "float32" if is_tiny(args.target) else "auto"
     return args
 
 
