@@ -1,8 +1,11 @@
 """The draft worker (device side): holds the draft model and a KV cache per session, proposes tokens.
 
 A plain class: tests call it directly, Ray wraps it in one place (``actors/remote.py``).
-For every drafted position it warps the draft logits with the session's sampling parameters,
-sparsifies (top-K / top-p), and samples from exactly that sparse q, which it ships in the proposal.
+Drafting is built from one step, :meth:`DraftWorker.draft_depth`: the siblings at the depth after a
+given context. A proposal is a loop of steps along its main branch; speculation on the verdict is
+the same loop on a guessed context. For every drafted position the step warps the draft logits with
+the session's sampling parameters, lets the session's sparsifier truncate them, and samples from
+exactly that sparse q (as the wire will carry it), which the proposal ships.
 """
 from __future__ import annotations
 
@@ -11,26 +14,35 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specmesh.policies.sparsify import sparsify
-from specmesh.runtime import codec, sampling
+from specmesh.policies.sparsify import Sparsifier, make_sparsifier
+from specmesh.runtime import sampling
 from specmesh.runtime.messages import DraftProposal, OpenSession, ProposeRequest, SamplingParams
-from specmesh.runtime.sparse import SparseDist
+from specmesh.runtime.sparse import SparseDist, quantise_fp16
+from specmesh.runtime.tree import sample_siblings
 
 from . import hf
 
 
-# One drafted depth: the sibling tokens (the first is the one extended) and the q row of each.
-Depth = tuple[list[int], SparseDist]
+@dataclass(frozen=True)
+class Depth:
+    """One drafted depth: sibling tokens (the first is the one extended), the q row each was drawn
+    from, and the draft's top probability there (for confidence stopping)."""
+
+    tokens: list[int]
+    q: SparseDist  # len(tokens) rows
+    top_prob: float
 
 
 @dataclass
 class _DraftSession:
     params: SamplingParams
+    sparsifier: Sparsifier
     cache: object
     cached: list[int] = field(default_factory=list)  # tokens whose keys/values are in the cache
+    last_logits: torch.Tensor | None = None  # [V] after cached[-1]
     committed: list[int] = field(default_factory=list)  # committed tokens told so far
     last_round: int = 0
-    width: int = 1
+    prompt_len: int = 0  # the first proposal's committed tokens: fed in one forward
     depths: list[Depth] = field(default_factory=list)  # the last proposal's depths
     # Speculation on the verdict: depths drafted for the context ``spec_context`` (the last proposal
     # fully accepted plus the draft's own guess of the bonus token), reused if that is what commits.
@@ -38,9 +50,10 @@ class _DraftSession:
     spec_depths: list[Depth] = field(default_factory=list)
     counters: dict[str, int] = field(
         # forwards: draft depths computed (speculative ones and bonus guesses included);
-        # speculated: those computed ahead of a verdict; reused: speculative depths later proposed.
-        # busy_ms: time spent computing.
-        default_factory=lambda: {"forwards": 0, "speculated": 0, "reused": 0, "busy_ms": 0}
+        # speculated: those computed ahead of a verdict; reused: speculative depths later proposed;
+        # proposals_hit: proposals that reused speculation; busy_ms: time spent computing.
+        default_factory=lambda: {"forwards": 0, "speculated": 0, "reused": 0, "proposals": 0,
+                                 "proposals_hit": 0, "busy_ms": 0}
     )
 
 
@@ -69,35 +82,44 @@ class DraftWorker:
         return self.model.vocab_size
 
     def open(self, msg: OpenSession) -> None:
-        self.sessions[msg.session_id] = _DraftSession(msg.params, self.model.new_cache())
+        """Creates the session's state; a bad sparsifier name or option fails here, not mid-round."""
+        sparsifier = make_sparsifier(msg.policy)
+        self.sessions[msg.session_id] = _DraftSession(msg.params, sparsifier, self.model.new_cache())
 
     def close(self, session_id: str) -> dict[str, int]:
-        """Frees the session; returns its drafting counters (forwards, speculated, reused)."""
+        """Frees the session; returns its drafting counters."""
         s = self.sessions.pop(session_id, None)
         return dict(s.counters) if s is not None else {}
 
+    def draft_depth(self, session_id: str, context: list[int], width: int = 1) -> Depth:
+        """The step: ``width`` siblings at the position after ``context`` (the cache follows it)."""
+        s = self._session(session_id)
+        return self._depth(s, context, width)
+
     def propose(self, req: ProposeRequest) -> DraftProposal:
-        """Syncs the cache with the committed tokens and drafts ``req.gamma`` depths."""
+        """Syncs with the committed tokens and drafts up to ``req.gamma`` depths (fewer when the
+        draft's confidence falls below ``req.stop_below``)."""
         s = self._session(req.session_id)
         if req.round <= s.last_round:
             raise ValueError(f"stale round {req.round} for session {req.session_id} (at {s.last_round})")
         if req.start > len(s.committed):
             raise ValueError(f"tokens start at {req.start} but only {len(s.committed)} were committed")
         s.committed = s.committed[: req.start] + list(req.tokens)
+        s.prompt_len = s.prompt_len or len(s.committed)
         s.last_round = req.round
-        s.width = req.width
         t0 = time.perf_counter()
-        s.depths = self._draft(s, req.gamma) if req.gamma > 0 else []
-        s.counters["busy_ms"] += round((time.perf_counter() - t0) * 1e3)
+        s.depths = self._draft(s, req.gamma, req.width, req.stop_below) if req.gamma > 0 else []
+        draft_ms = (time.perf_counter() - t0) * 1e3
+        s.counters["busy_ms"] += round(draft_ms)
         tokens: list[int] = []
         parents: list[int] = []
         main = -1  # the candidate the next depth hangs from (-1: the last context token)
-        for picks, _ in s.depths:
+        for d in s.depths:
             first = len(tokens)
-            tokens.extend(picks)
-            parents.extend([main] * len(picks))
+            tokens.extend(d.tokens)
+            parents.extend([main] * len(d.tokens))
             main = first
-        q = SparseDist.concat([rows for _, rows in s.depths]) if s.depths else SparseDist.empty(self.vocab_size)
+        q = SparseDist.concat([d.q for d in s.depths]) if s.depths else SparseDist.empty(self.vocab_size)
         return DraftProposal(
             session_id=req.session_id,
             round=req.round,
@@ -107,23 +129,20 @@ class DraftWorker:
             q=q,
             parents=parents if req.width > 1 else [],
             prev_path=list(req.prev_path),
+            draft_ms=draft_ms,
         )
 
-    def speculate(self, session_id: str, gamma: int) -> None:
+    def speculate(self, session_id: str, gamma: int, width: int = 1) -> None:
         """While the last proposal is verified, drafts the next round as if it were fully accepted
         and the bonus token were the draft's own next token (the likeliest single outcome)."""
         s = self._session(session_id)
         if not s.depths or gamma < 1:
             return
         t0 = time.perf_counter()
-        mains = [picks[0] for picks, _ in s.depths]
-        context = s.committed + mains
-        logits = self._forward(s, [mains[-1]])  # the last main token was never fed
-        guess, _ = self._siblings(s.params, logits, 1, self._generator(s, len(context)))
-        spec = context + guess[:1]
-        s.spec_context = spec
-        s.spec_depths = self._extend(s, [], gamma, spec, [guess[0]])
-        s.counters["forwards"] += 1  # the bonus guess
+        context = s.committed + [d.tokens[0] for d in s.depths]
+        guess = self._depth(s, context, 1).tokens[0]
+        s.spec_context = context + [guess]
+        s.spec_depths = self._extend(s, [], gamma, s.spec_context, width, None)
         s.counters["speculated"] += len(s.spec_depths) + 1
         s.counters["busy_ms"] += round((time.perf_counter() - t0) * 1e3)
 
@@ -133,88 +152,77 @@ class DraftWorker:
         except KeyError:
             raise KeyError(f"draft worker has no open session {session_id!r}") from None
 
-    def _generator(self, s: _DraftSession, position: int) -> torch.Generator:
-        return sampling.generator_for(s.params.seed, sampling.STREAM_DRAFT, position)
-
-    def _draft(self, s: _DraftSession, gamma: int) -> list[Depth]:
-        """``gamma`` depths of ``s.width`` siblings for the committed context, reusing speculation."""
-        committed = s.committed
-        reuse = s.spec_depths if s.spec_context == committed else []
+    def _draft(self, s: _DraftSession, gamma: int, width: int, stop_below: float | None) -> list[Depth]:
+        """Depths for the committed context, reusing speculation that drafted this very context."""
+        hit = s.spec_context == s.committed
+        reuse = s.spec_depths[:gamma] if hit else []
         s.spec_context, s.spec_depths = None, []
+        s.counters["proposals"] += 1
         if reuse:
-            # The cache holds committed + the main token of every reused depth but the last.
-            s.counters["reused"] += min(len(reuse), gamma)
-            if len(reuse) >= gamma:
-                self._truncate(s, len(committed) + gamma - 1)
-                return reuse[:gamma]
-            return self._extend(s, reuse, gamma, committed, [reuse[-1][0][0]])
-        # Keep the longest cached prefix that is still committed, but always re-feed at least the
-        # last committed token: its logits give the first draft.
-        keep = 0
-        limit = min(len(s.cached), len(committed) - 1)
-        while keep < limit and s.cached[keep] == committed[keep]:
-            keep += 1
-        self._truncate(s, keep)
-        return self._extend(s, [], gamma, committed, committed[keep:])
+            s.counters["proposals_hit"] += 1
+            if stop_below is not None:
+                cut = next((i + 1 for i, d in enumerate(reuse) if d.top_prob < stop_below), None)
+                if cut is not None:  # the draft's confidence stopped inside the reused depths
+                    s.counters["reused"] += cut
+                    return reuse[:cut]
+            s.counters["reused"] += len(reuse)
+        return self._extend(s, reuse, gamma, s.committed, width, stop_below)
 
-    def _extend(
-        self, s: _DraftSession, depths: list[Depth], gamma: int, context: list[int], feed: list[int]
-    ) -> list[Depth]:
-        """Drafts depths after ``depths`` until there are ``gamma``; ``feed`` completes the cache.
-
-        Leaves the cache holding ``context`` and the main token of every depth but the last.
-        """
+    def _extend(self, s: _DraftSession, depths: list[Depth], gamma: int, context: list[int],
+                width: int, stop_below: float | None) -> list[Depth]:
+        """Drafts depths after ``depths`` along their main branch until there are ``gamma`` (or the
+        draft's confidence drops below ``stop_below``)."""
         depths = list(depths)
         while len(depths) < gamma:
-            logits = self._forward(s, feed)  # [V]
-            gen = self._generator(s, len(context) + len(depths))
-            depths.append(self._siblings(s.params, logits, s.width, gen))
-            s.counters["forwards"] += 1
-            feed = [depths[-1][0][0]]
+            depth = self._depth(s, context + [d.tokens[0] for d in depths], width)
+            depths.append(depth)
+            if stop_below is not None and depth.top_prob < stop_below:
+                break
         return depths
 
-    def _truncate(self, s: _DraftSession, keep: int) -> None:
+    def _depth(self, s: _DraftSession, context: list[int], width: int) -> Depth:
+        logits = self._logits_after(s, context)  # [V]
+        gen = sampling.generator_for(s.params.seed, sampling.STREAM_DRAFT, len(context))
+        s.counters["forwards"] += 1
+        return self._siblings(s, logits, width, gen)
+
+    def _siblings(self, s: _DraftSession, logits: torch.Tensor, width: int, gen: torch.Generator) -> Depth:
+        """``width`` siblings drawn without replacement from the sparsified q (``tree.sample_siblings``,
+        each row exactly as it will decode at the verifier). At temperature 0 the siblings are the
+        draft's top tokens, shipped with what the sparsifier says greedy rows carry."""
+        params = s.params
+        top_prob = float(torch.softmax(logits.float(), -1).max())
+        if params.temperature == 0:
+            picks = torch.topk(logits, min(width, logits.numel())).indices  # [width]
+            return Depth(picks.tolist(), s.sparsifier.greedy_rows(logits, picks), top_prob)
+        probs = sampling.warp_logits(logits.view(1, -1), params.temperature, params.top_k, params.top_p)
+        picks, rows = sample_siblings(s.sparsifier(probs), width, gen, quantise=quantise_fp16)
+        return Depth(picks.tolist(), rows, top_prob)
+
+    def _logits_after(self, s: _DraftSession, context: list[int]) -> torch.Tensor:
+        """The draft's logits ``[V]`` after ``context``: keeps the longest cached prefix of it and
+        feeds the rest (always at least the last token, unless the cache ends exactly there)."""
+        n = len(context)
+        if s.last_logits is not None and len(s.cached) == n and s.cached == context:
+            return s.last_logits
+        keep = 0
+        limit = min(len(s.cached), n - 1)
+        while keep < limit and s.cached[keep] == context[keep]:
+            keep += 1
         hf.truncate_cache(s.cache, keep)
         s.cached = s.cached[:keep]
+        for start, stop in self._chunks(s, keep, n):
+            ids = torch.tensor(context[start:stop], dtype=torch.int64)
+            hidden = hf.forward(self.model, s.cache, input_ids=ids, position_ids=torch.arange(start, stop))
+            s.cached.extend(context[start:stop])
+        s.last_logits = hf.lm_head(self.model, hidden[-1:])[0]
+        return s.last_logits
 
-    def _siblings(
-        self, params: SamplingParams, logits: torch.Tensor, width: int, gen: torch.Generator
-    ) -> tuple[list[int], SparseDist]:
-        """Samples ``width`` siblings from the sparsified q, without replacement.
-
-        Row ``j`` is the distribution sibling ``j`` was drawn from (q with the earlier siblings
-        removed, renormalised), each exactly as it will decode at the verifier: the contract that
-        keeps multi-candidate verification lossless (see ``runtime/tree.py``). At temperature 0 the
-        verifier compares with its argmax only: siblings are the draft's top tokens, each shipped
-        with a one-entry q (the fewest bytes the wire accepts), except under the ``dense``
-        sparsifier, whose point is to send what the classic scheme sends: the whole q.
-        """
-        if params.temperature == 0:
-            top = torch.topk(logits, min(width, logits.numel())).indices  # [width]
-            if params.sparsifier == "dense":
-                q = sparsify(torch.softmax(logits.float().view(1, -1), -1), params)
-                return top.tolist(), SparseDist.concat([q] * top.numel())
-            ones = torch.ones(top.numel(), 1)
-            return top.tolist(), SparseDist(top.view(-1, 1), ones, self.vocab_size)
-        probs = sampling.warp_logits(logits.view(1, -1), params.temperature, params.top_k, params.top_p)
-        q = codec.quantise_sparse(sparsify(probs, params))  # [1, k]
-        picks: list[int] = []
-        rows: list[SparseDist] = []
-        for _ in range(width):
-            j = int(sampling.sample(q.probs, gen)[0])
-            picks.append(int(q.indices[0, j]))
-            rows.append(q)
-            rest = q.probs.clone()
-            rest[0, j] = 0.0
-            if float(rest.sum()) <= 0:
-                break  # q's support is exhausted
-            q = codec.quantise_sparse(SparseDist(q.indices, rest / rest.sum(), q.vocab_size))
-        return picks, SparseDist.concat(rows)
-
-    def _forward(self, s: _DraftSession, feed: list[int]) -> torch.Tensor:
-        start = len(s.cached)
-        ids = torch.tensor(feed, dtype=torch.int64)
-        pos = torch.arange(start, start + len(feed))
-        hidden = hf.forward(self.model, s.cache, input_ids=ids, position_ids=pos)
-        s.cached.extend(feed)
-        return hf.lm_head(self.model, hidden[-1:])[0]
+    def _chunks(self, s: _DraftSession, start: int, stop: int) -> list[tuple[int, int]]:
+        """How positions ``start..stop`` are fed: in one forward when the model's outputs do not
+        depend on it; else canonically (the prompt in one forward, every later token alone), so
+        that a position's logits never depend on whether speculation or a verdict fed it."""
+        if self.model.row_independent or stop - start == 1:
+            return [(start, stop)]
+        first = min(max(start, s.prompt_len), stop)
+        return ([(start, first)] if first > start else []) + [(i, i + 1) for i in range(first, stop)]

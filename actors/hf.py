@@ -18,26 +18,23 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
 
+from . import hardware
+
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# CPU instruction sets with native bf16 arithmetic (torch.backends.cpu.get_cpu_capability()).
-_BF16_CAPABLE = ("AVX512_BF16", "AMX")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
     """Maps a dtype name ("auto", "float32", "bfloat16", "float16") to torch, with a clear error.
 
-    "auto" is bf16 where the hardware computes in bf16 (a GPU, or a CPU with AVX512-BF16 / AMX),
-    float32 elsewhere: on an AVX2-only CPU bf16 matrix products are emulated and scale with the
-    token count (measured here: 16 tokens in one forward 3984 ms in bf16, 1276 ms in fp32; one
-    token 295 vs 321 ms), which would make verifying a round as dear as decoding its tokens.
+    "auto" is bf16 where this CPU computes bf16 natively (:func:`hardware.native_bf16`: AVX512-BF16
+    or AMX flags, and oneDNN's bf16 kernels), float32 elsewhere: on an AVX2-only CPU bf16 matrix
+    products are emulated and scale with the token count (16 tokens in one forward 3984 ms in bf16,
+    1276 ms in fp32), while with AVX512-BF16 bf16 is 2-4x faster than fp32. The models run on the
+    CPU, so a GPU in the machine does not enter the decision.
     """
     if name == "auto":
-        capability = torch.backends.cpu.get_cpu_capability().upper()
-        native = torch.cuda.is_available() or any(c in capability for c in _BF16_CAPABLE)
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if hardware.native_bf16() else torch.float32
     try:
         return _DTYPES[name]
     except KeyError:
@@ -96,6 +93,9 @@ class StageModel:
     is_first: bool
     is_last: bool
     vocab_size: int
+    # Whether a token's outputs are independent of the other tokens fed in the same forward (up to
+    # float rounding). Dynamic int8 quantisation scales activations per forward, so it is not.
+    row_independent: bool = True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -268,3 +268,13 @@ def generation_eos(model_dir: str | Path) -> tuple[int, ...]:
     if eos is None:
         return ()
     return tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),)
+
+
+def vocab_strings(model_dir: str | Path, vocab_size: int) -> list[str] | None:
+    """Each token id's decoded text (``vocab_size`` entries, "" past the tokenizer's own), for
+    acceptance rules that score tokens lexically; None when the model has no tokenizer."""
+    tok = load_tokenizer(model_dir)
+    if tok is None:
+        return None
+    known = min(vocab_size, len(tok))
+    return [tok.decode([i]) for i in range(known)] + [""] * (vocab_size - known)

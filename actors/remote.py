@@ -23,6 +23,7 @@ from specmesh.runtime.messages import ErrorMessage, OpenSession, ProposeRequest
 from specmesh.runtime.traffic import TrafficMeter
 
 from . import hf
+from .cheap_draft import make_cheaper
 from .draft import DraftWorker
 from .models import resolve
 from .stage import TargetStage
@@ -36,8 +37,10 @@ class WorkerSpec:
         model: model name or path (resolved on the actor's own node).
         layers: (start, stop) of the decoder layers held; None = the whole model (the draft).
         dtype: parameter dtype name.
-        threads: torch intra-op threads in this actor.
+        threads: torch intra-op threads in this actor (never more than ``cores``).
         cache_dir: model cache on the actor's node (None: the node's default).
+        cores: the CPU cores the actor pins itself to (its node's, from the topology); None: any.
+        draft_quant / draft_head_rows: the draft's economies (``actors/cheap_draft.py``).
     """
 
     model: str
@@ -45,6 +48,14 @@ class WorkerSpec:
     dtype: str
     threads: int
     cache_dir: str | None = None
+    cores: tuple[int, ...] | None = None
+    draft_quant: str = "none"
+    draft_head_rows: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cores is not None and self.threads > len(self.cores):
+            raise ValueError(f"threads = {self.threads} on {len(self.cores)} core(s) {list(self.cores)}: "
+                             "a torch thread without a core of its own stalls the others")
 
 
 @dataclass(frozen=True)
@@ -64,10 +75,13 @@ class InboundLink:
 
 
 def _load(spec: WorkerSpec) -> hf.StageModel:
+    if spec.cores is not None:
+        os.sched_setaffinity(0, spec.cores)  # this actor's process computes on its node's cores only
     torch.set_num_threads(spec.threads)
     path = resolve(spec.model, spec.cache_dir)
     layers = range(*spec.layers) if spec.layers else None
-    return hf.load_stage(path, layers, dtype=hf.resolve_dtype(spec.dtype))
+    stage = hf.load_stage(path, layers, dtype=hf.resolve_dtype(spec.dtype))
+    return make_cheaper(stage, spec.draft_quant, spec.draft_head_rows) if spec.layers is None else stage
 
 
 # An error text longer than this is cut, so that the error message itself always encodes.
@@ -99,14 +113,19 @@ def _hand_on(frame: bytes, by_reference: bool) -> bytes | ray.ObjectRef:
 
 
 class _Base:
-    def __init__(self, vocab_size: int, inbound: InboundLink | None) -> None:
+    def __init__(self, vocab_size: int, inbound: InboundLink | None,
+                 outbound: InboundLink | None = None) -> None:
         self.vocab_size = vocab_size
         self.inbound = inbound
+        self.outbound = outbound  # the link this actor's output crosses (its encoding time goes there)
         self.traffic = TrafficMeter()
 
     async def _receive(self, data: bytes):
+        delay_s = 0.0
         if self.inbound is not None and self.inbound.link is not None:
-            await asyncio.sleep(self.inbound.link.delay_s(len(data)))
+            delay_s = self.inbound.link.delay_s(len(data))
+            await asyncio.sleep(delay_s)
+        t0 = time.perf_counter()
         try:
             msg = codec.decode(data, vocab_size=self.vocab_size)
         except Exception:
@@ -115,8 +134,19 @@ class _Base:
             raise
         if self.inbound is not None:
             session = getattr(getattr(msg, "proposal", msg), "session_id", None) or None
-            self.traffic.record(self.inbound.name, self.inbound.direction, len(data), session)
+            self.traffic.record(self.inbound.name, self.inbound.direction, len(data), session,
+                                delay_s * 1e3, (time.perf_counter() - t0) * 1e3)
         return msg
+
+    def _send(self, msg) -> bytes:
+        """Encodes ``msg`` for the next hop, counting the encoding time on the outbound link."""
+        t0 = time.perf_counter()
+        data = codec.encode(msg)
+        if self.outbound is not None:
+            session = getattr(getattr(msg, "proposal", msg), "session_id", None) or None
+            self.traffic.add_codec_time(self.outbound.name, self.outbound.direction,
+                                        (time.perf_counter() - t0) * 1e3, session)
+        return data
 
     def traffic_snapshot(self, session: str | None = None):
         return self.traffic.snapshot(session)
@@ -126,16 +156,18 @@ class _Base:
 
     def node_info(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "ip": ray.util.get_node_ip_address(), "threads": torch.get_num_threads()}
+                "ip": ray.util.get_node_ip_address(), "threads": torch.get_num_threads(),
+                "cores": sorted(os.sched_getaffinity(0))}
 
 
 @ray.remote
 class DraftActor(_Base):
     """The draft worker on the device node."""
 
-    def __init__(self, spec: WorkerSpec, by_reference: bool = False) -> None:
+    def __init__(self, spec: WorkerSpec, by_reference: bool = False,
+                 outbound: InboundLink | None = None) -> None:
         model = _load(spec)
-        super().__init__(model.vocab_size, None)
+        super().__init__(model.vocab_size, None, outbound)
         self.worker = DraftWorker(model)
         self.by_reference = by_reference  # hand proposals on by reference (see _hand_on)
 
@@ -148,15 +180,15 @@ class DraftActor(_Base):
     def close(self, session_id: str) -> dict:
         return self.worker.close(session_id)
 
-    def speculate(self, session_id: str, gamma: int) -> None:
+    def speculate(self, session_id: str, gamma: int, width: int) -> None:
         try:
-            self.worker.speculate(session_id, gamma)
+            self.worker.speculate(session_id, gamma, width)
         except Exception:  # speculation is an optimisation: a failure only means no reuse
             pass
 
     def propose(self, req: ProposeRequest) -> bytes | ray.ObjectRef:
         try:
-            frame = codec.encode(self.worker.propose(req))
+            frame = self._send(self.worker.propose(req))
         except Exception as exc:  # answered, not raised: the round fails, the actor keeps serving
             frame = _error(req, type(exc).__name__, f"draft: {exc}")
         return _hand_on(frame, self.by_reference)
@@ -166,10 +198,12 @@ class DraftActor(_Base):
 class StageActor(_Base):
     """One target stage on an edge node."""
 
-    def __init__(self, spec: WorkerSpec, inbound: InboundLink | None, by_reference: bool = False) -> None:
+    def __init__(self, spec: WorkerSpec, inbound: InboundLink | None, by_reference: bool = False,
+                 outbound: InboundLink | None = None) -> None:
         model = _load(spec)
-        super().__init__(model.vocab_size, inbound)
-        self.worker = TargetStage(model)
+        super().__init__(model.vocab_size, inbound, outbound)
+        target_dir = resolve(spec.model, spec.cache_dir)
+        self.worker = TargetStage(model, vocab=lambda: hf.vocab_strings(target_dir, model.vocab_size))
         self.by_reference = by_reference  # hand frames on by reference (see _hand_on)
 
     def ready(self) -> dict:
@@ -198,7 +232,7 @@ class StageActor(_Base):
         if isinstance(msg, ErrorMessage):
             return data
         try:
-            return codec.encode(self.worker.step(msg))
+            return self._send(self.worker.step(msg))
         except Exception as exc:
             where = f"stage {self.worker.model.layers} after {1e3 * (time.perf_counter() - t_arrive):.0f} ms"
             return _error(msg, type(exc).__name__, f"{where}: {exc}")

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from specmesh.policies.acceptance import ACCEPTANCE
+from typing import Callable, Sequence
+
+from specmesh.policies.acceptance import AcceptanceRule, verify_round
+from specmesh.policies.catalog import make_rule
 from specmesh.runtime import sampling
 from specmesh.runtime.messages import DraftProposal, OpenSession, SamplingParams, StageFrame, VerifyResult
 from specmesh.runtime.tree import TokenTree, accepted_slots, tree_attention_mask, tree_position_ids
@@ -23,6 +26,7 @@ from . import hf
 @dataclass
 class _StageSession:
     params: SamplingParams
+    rule: AcceptanceRule | None  # the last stage's acceptance rule (None elsewhere)
     cache: object
     last_round: int = 0
     # (rollback, context length) of the last round when it fed a tree: the next message's prev_path
@@ -36,17 +40,28 @@ class TargetStage:
     Args:
         model: the loaded slice (first stage: embeddings; last: norm and LM head).
         threads: torch intra-op threads for this worker (None leaves the process default).
+        vocab: loads the vocabulary's token strings by id, for acceptance rules with a lexicon
+            (called once, when the first session that asks for a rule other than ``exact`` opens).
     """
 
-    def __init__(self, model: hf.StageModel, threads: int | None = None) -> None:
+    def __init__(self, model: hf.StageModel, threads: int | None = None,
+                 vocab: Callable[[], Sequence[str]] | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.model = model
         self.sessions: dict[str, _StageSession] = {}
+        self._vocab_loader = vocab
+        self._vocab: Sequence[str] | None = None
 
     def open(self, msg: OpenSession) -> None:
-        ACCEPTANCE.get(msg.params.acceptance)  # fail at open, not mid-generation
-        self.sessions[msg.session_id] = _StageSession(msg.params, self.model.new_cache())
+        """Creates the session's state; a bad policy name or option fails here, not mid-round."""
+        rule = None
+        if self.model.is_last:
+            wants_vocab = msg.policy.get("acceptance", "exact") != "exact"
+            if wants_vocab and self._vocab is None and self._vocab_loader is not None:
+                self._vocab = self._vocab_loader()
+            rule = make_rule(msg.policy, self._vocab)
+        self.sessions[msg.session_id] = _StageSession(msg.params, rule, self.model.new_cache())
 
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
@@ -87,7 +102,7 @@ class TargetStage:
             session_id=proposal.session_id, round=proposal.round, accepted=verdict.accepted,
             tokens=verdict.tokens, accepted_mask=verdict.accepted_mask,
             path=list(getattr(verdict, "path", [])) if proposal.parents else [],
-            stage_ms=prior_ms + [ms],
+            stage_ms=prior_ms + [ms], draft_ms=proposal.draft_ms,
         )
 
     def _rollback(self, s: _StageSession, proposal: DraftProposal) -> None:
@@ -119,11 +134,12 @@ class TargetStage:
         # p after the last context token and after each candidate: g + 1 rows.
         logits = hf.lm_head(self.model, hidden[-(g + 1) :])  # [g + 1, V]
         p = s.params
-        target_probs = sampling.warp_logits(logits, p.temperature, p.top_k, p.top_p)
         gen = sampling.generator_for(p.seed, sampling.STREAM_VERIFY, proposal.base)
-        policy = ACCEPTANCE.get(p.acceptance)
         tree = TokenTree(proposal.candidates, proposal.parents) if proposal.parents else TokenTree.chain(proposal.candidates)
-        return policy(tree, proposal.q, target_probs, p, gen)
+        return verify_round(
+            s.rule, tree, proposal.q, logits, p, gen,
+            lambda raw: sampling.warp_logits(raw, p.temperature, p.top_k, p.top_p),
+        )
 
     def _session(self, session_id: str) -> _StageSession:
         try:

@@ -22,14 +22,19 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from specmesh.cluster.compare import BASELINE, Run, Variant, run_side_by_side, summarise
+from specmesh.cluster.links import LinkSpec
+from specmesh.cluster.topology import ROLE_DEVICE, ROLE_EDGE, Link, Models, Node, Topology, dump_topology
 from specmesh.runtime.api import SpecMesh
 from specmesh.runtime.config import DEFAULT_DRAFT, DEFAULT_TARGET, SpecConfig
 
-from .compare import BASELINE, Run, Variant, run_side_by_side, summarise
 from .prompts import humaneval
 
 TINY = ("tiny", "tiny-draft")
 BUNDLED = (DEFAULT_TARGET, DEFAULT_DRAFT)
+TINY_PROMPTS = [("tiny-0", [5, 17, 42, 99, 3, 250, 7, 7]), ("tiny-1", [1, 2, 3, 4, 5, 6])]  # ids < 255 (EOS)
+EDGE_MBPS = 1000.0  # between edge servers: a datacentre-class link, so the device's radio is what limits
+TABLE_WIDTH = 160  # the tables are wide; a pipe would squeeze them to 80 columns
 
 
 def variants(gamma: int, width: int) -> list[Variant]:
@@ -42,37 +47,33 @@ def variants(gamma: int, width: int) -> list[Variant]:
     ]
 
 
-def topology_text(num_stages: int, latency_ms: float, up_mbps: float, down_mbps: float,
-                  target: str, draft: str) -> str:
+def topology(num_stages: int, latency_ms: float, up_mbps: float, down_mbps: float,
+             target: str, draft: str) -> Topology:
     """One machine: a device and ``num_stages`` edge nodes, ``latency_ms`` on every hop; the device's
-    uplink and downlink rates as given, edge-to-edge links at 1 Gbit/s."""
+    uplink and downlink rates as given, edge-to-edge links at ``EDGE_MBPS``."""
     edges = [f"edge{i + 1}" for i in range(num_stages)]
-    lines = [f'name = "device + {num_stages} edge stage(s), {latency_ms:g} ms per hop"',
-             f"stages = {json.dumps(edges)}", "[models]", f'draft = "{draft}"', f'target = "{target}"',
-             "[default_link]", f"latency_ms = {latency_ms}", "bandwidth_mbps = 1000",
-             "[[nodes]]", 'name = "device"', 'role = "device"']
-    for e in edges:
-        lines += ["[[nodes]]", f'name = "{e}"', 'role = "edge"']
-    for a, b in (("device", edges[0]), (edges[-1], "device")):
-        if a == b:
-            continue
-        up, down = (up_mbps, down_mbps) if a == "device" else (down_mbps, up_mbps)
-        lines += ["[[links]]", f'a = "{a}"', f'b = "{b}"', f"latency_ms = {latency_ms}",
-                  f"up_mbps = {up}", f"down_mbps = {down}"]
-    return "\n".join(lines) + "\n"
+    radio_up, radio_down = LinkSpec(latency_ms, up_mbps), LinkSpec(latency_ms, down_mbps)
+    links = [Link("device", edges[0], up=radio_up, down=radio_down)]
+    if num_stages > 1:  # the verdict comes home from the last stage over the device's downlink
+        links.append(Link(edges[-1], "device", up=radio_down, down=radio_up))
+    return Topology(nodes=(Node("device", ROLE_DEVICE), *(Node(e, ROLE_EDGE) for e in edges)),
+                    links=tuple(links), models=Models(target=target, draft=draft), stages=tuple(edges),
+                    default_link=LinkSpec(latency_ms, EDGE_MBPS),
+                    name=f"device + {num_stages} edge stage(s), {latency_ms:g} ms per hop")
 
 
 def run(args: argparse.Namespace, console: Console) -> dict:
     target, draft = TINY if args.models == "tiny" else BUNDLED
     if args.models == "tiny":
-        prompts = [("tiny-0", [5, 17, 42, 99, 3, 250, 7, 7]), ("tiny-1", [1, 2, 3, 4, 5, 6])]
+        prompts = TINY_PROMPTS
     else:
         prompts = humaneval(tuple(int(i) for i in args.prompts.split(",")))
     out: dict = {"config": vars(args), "cells": []}
     with tempfile.TemporaryDirectory() as tmp:
         for latency in [float(x) for x in args.latency.split(",")]:
             path = Path(tmp) / f"topology-{latency:g}.toml"
-            path.write_text(topology_text(args.stages, latency, args.up_mbps, args.down_mbps, target, draft))
+            path.write_text(dump_topology(topology(args.stages, latency, args.up_mbps, args.down_mbps, target,
+                                                   draft)))
             cfg = SpecConfig(target=target, draft=draft, num_stages=args.stages, topology=str(path),
                              backend=args.backend, gamma=args.gamma, max_new_tokens=args.max_new_tokens,
                              sparse_k=args.sparse_k, dtype=args.dtype, threads=args.threads)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--json", type=Path, help="write every raw figure here")
     args = p.parse_args(argv)
-    console = Console(width=160)  # the tables are wide; a pipe would squeeze them to 80 columns
+    console = Console(width=TABLE_WIDTH)
     result = run(args, console)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ Loaded from the very directories SpecMesh loads (``specmesh.actors.models.resolv
 dtype, run greedy in the same process with the same torch thread count, stopping on the same
 end-of-sequence ids. Assisted generation keeps transformers' own draft-length defaults: that *is* the
 peer. Also here: where two greedy outputs first differ, and whether the reference target saw a near
-tie there (ARCHITECTURE.md, "Pitfalls": bf16 greedy decoding depends on how tokens are batched).
+tie there (bf16 greedy decoding depends on how tokens are batched: a one-token-at-a-time decode and a
+forward over the whole prefix may pick different tokens where the top two logits nearly tie).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-# The prompts ARCHITECTURE.md's peer figures (HF assisted generation) were measured on.
+# The prompts the README's figures (SpecMesh vs HF assisted generation, the demo) were measured on.
 DEFAULT_HUMANEVAL = (0, 2, 10)
 
 

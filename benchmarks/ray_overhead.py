@@ -28,6 +28,7 @@ from specmesh.runtime import SpecConfig, SpecMesh
 
 TINY_PROMPT = [5, 17, 42, 99, 3, 250, 7, 7, 128, 64]
 BACKENDS = ("inproc", "local")
+MIN_TABLE_WIDTH = 140  # the rounds table's nine columns stay whole in logs and pipes too
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from specmesh.cluster import ray_backend  # the one module that knows Ray
 
-    console = Console(width=max(Console().width, 140))  # the tables stay whole in logs too
+    console = Console(width=max(Console().width, MIN_TABLE_WIDTH))
     base = dict(target=args.target, draft=args.draft, dtype=args.dtype, num_stages=args.stages,
                 gamma=args.gamma, max_new_tokens=args.max_new_tokens, threads=args.threads,
                 cache_dir=args.cache_dir)

@@ -1,7 +1,8 @@
 """Writes what ``specmesh bench`` measured: ``results.json``, ``report.md`` and one PNG per scenario.
 
-Everything here reads the results dictionary alone (as built by :mod:`specmesh.benchmarks.suite`), so
-a report can be rebuilt from a results file: ``python -m specmesh.benchmarks.report bench-out``.
+Everything here reads the results dictionary alone (as built by :mod:`specmesh.benchmarks.suite`; the
+plots are :mod:`specmesh.benchmarks.plots`), so a report can be rebuilt from a results file:
+``python -m specmesh.benchmarks.report bench-out``.
 """
 from __future__ import annotations
 
@@ -10,15 +11,10 @@ import math
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+from .plots import PLOTS, TOKENS_PER_S, close_figures, hf_variants
 
 RESULTS = "results.json"
 REPORT = "report.md"
-BASELINE = "target-only"
-_DPI = 110
 
 
 def clean(value):
@@ -56,7 +52,7 @@ def write(results: dict, out: Path) -> list[Path]:
             images[name] = plot(section, out / f"{name}.png").name
             paths.append(out / images[name])
         except Exception as exc:  # a plot is a view of figures already saved: never lose a run to it
-            plt.close("all")
+            close_figures()
             images[name] = None
             section["plot_error"] = f"{type(exc).__name__}: {exc}"
     paths.append(out / REPORT)
@@ -67,7 +63,7 @@ def write(results: dict, out: Path) -> list[Path]:
 # ----- formatting -----
 
 def fmt(s: dict | None, spec: str = ".2f", suffix: str = "") -> str:
-    """A :func:`suite.stat` as ``mean (min..max)``, or just the mean when the range is a point."""
+    """A :func:`runner.stat` as ``mean (min..max)``, or just the mean when the range is a point."""
     if not s or s.get("mean") is None:
         return "-"
     mean = f"{s['mean']:{spec}}{suffix}"
@@ -146,7 +142,7 @@ def section_latency(s: dict, image: str | None) -> list[str]:
     lines += _table(["stages \\ latency per hop"] + [f"{lat:g} ms" for lat in lats], rows) + [""]
     detail = []
     for p in pts:
-        base, spec = p["summary"][BASELINE], p["summary"]["specmesh"]
+        base, spec = p["summary"][p["baseline"]], p["summary"]["specmesh"]
         detail.append([p["num_stages"], f"{p['latency_ms']:g}", fmt(base["tokens_per_s"]),
                        fmt(spec["tokens_per_s"]), fmt(spec["mean_accepted_length"]), fmt(spec["acceptance_rate"]),
                        _yes(spec["same_output_as_baseline"])])
@@ -197,15 +193,15 @@ def section_sparsifier(s: dict, image: str | None) -> list[str]:
 
 def section_hf(s: dict, image: str | None) -> list[str]:
     summ = s["summary"]
-    variants = ["target-only", "specmesh", "hf-greedy", "hf-assisted"]
+    variants = hf_variants(s)
     lines = ["## hf: SpecMesh in-process vs transformers assisted generation", "",
              f"Prompts {', '.join(s['prompts'])}; up to {s['max_new_tokens']} new tokens (both stop at EOS); "
              f"greedy; {s['threads']} torch thread(s) for both; SpecMesh {_config_line(s['config'])}, one "
              f"stage, links {s['links']}. transformers `generate(assistant_model=draft, do_sample=False)` with "
              f"the assistant's settings as shipped: {s['assistant_settings']} (None = transformers' default).",
              ""]
-    ratio_cols = [k for k in next(iter(summ.values())) if not k.startswith("tokens_per_s ")]
-    rows = [[scope] + [fmt(e[f"tokens_per_s {v}"]) for v in variants] + [fmt(e[k], ".2f", "x") for k in ratio_cols]
+    ratio_cols = [k for k in next(iter(summ.values())) if not k.startswith(TOKENS_PER_S)]
+    rows = [[scope] + [fmt(e[TOKENS_PER_S + v]) for v in variants] + [fmt(e[k], ".2f", "x") for k in ratio_cols]
             for scope, e in summ.items()]
     lines += _table(["prompt"] + [f"{v} tok/s" for v in variants] + ratio_cols, rows) + [""]
     lines += ["Outputs (the first repetition; a split is checked against the target's logits from one "
@@ -250,97 +246,6 @@ def section_quality(s: dict, image: str | None) -> list[str]:
 
 SECTIONS = {"latency": section_latency, "gamma": section_gamma, "sparsifier": section_sparsifier,
             "hf": section_hf, "quality": section_quality}
-
-
-# ----- plots -----
-
-def _errorbar(ax, xs, stats, **kw):
-    means = [st["mean"] for st in stats]
-    # clamped: the mean of equal values may round a hair outside their range
-    lo = [max(0.0, st["mean"] - st["min"]) for st in stats]
-    hi = [max(0.0, st["max"] - st["mean"]) for st in stats]
-    ax.errorbar(xs, means, yerr=[lo, hi], marker="o", capsize=3, **kw)
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
-    return path
-
-
-def plot_latency(s: dict, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for n in dict.fromkeys(p["num_stages"] for p in s["points"]):
-        pts = [p for p in s["points"] if p["num_stages"] == n]
-        _errorbar(ax, [p["latency_ms"] for p in pts], [p["summary"]["specmesh"]["speedup"] for p in pts],
-                  label=f"{n} stage(s)")
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="link latency per hop (ms)", ylabel="speedup over target-only",
-           title="SpecMesh speedup vs link latency")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_gamma(s: dict, path: Path) -> Path:
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
-    policies: dict[str, list] = {}
-    for v in s["variants"]:
-        if "gamma" in v["overrides"]:
-            policies.setdefault(v["overrides"]["draft_length"], []).append(v)
-    for policy, vs in policies.items():
-        xs = [v["overrides"]["gamma"] for v in vs]
-        _errorbar(a1, xs, [s["summary"][v["label"]]["mean_accepted_length"] for v in vs], label=policy)
-        _errorbar(a2, xs, [s["summary"][v["label"]]["speedup"] for v in vs], label=policy)
-    a1.set(xlabel="gamma (initial for heuristic)", ylabel="mean accepted length", title="tokens per round")
-    a2.set(xlabel="gamma (initial for heuristic)", ylabel="speedup over target-only", title="speedup")
-    a2.axhline(1.0, color="grey", lw=0.8, ls="--")
-    for ax in (a1, a2):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_sparsifier(s: dict, path: Path) -> Path:
-    labels = [v["label"] for v in s["variants"] if v["label"] != BASELINE]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a1.bar(labels, [s["summary"][x]["bytes_up_per_token"]["mean"] for x in labels], color="tab:blue")
-    a1.set(yscale="log", ylabel="uplink bytes per generated token", title="uplink bytes")
-    a2.bar(labels, [s["summary"][x]["acceptance_rate"]["mean"] for x in labels], color="tab:green")
-    a2.set(ylabel="acceptance rate", ylim=(0, 1), title=f"acceptance (temperature {s['temperature']})")
-    for ax in (a1, a2):
-        ax.tick_params(axis="x", rotation=45)
-        ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
-
-
-def plot_hf(s: dict, path: Path) -> Path:
-    variants = ["target-only", "specmesh", "hf-greedy", "hf-assisted"]
-    scopes = list(s["summary"])
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    width = 0.8 / len(variants)
-    for i, v in enumerate(variants):
-        xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(scopes))]
-        ax.bar(xs, [s["summary"][sc][f"tokens_per_s {v}"]["mean"] or 0 for sc in scopes], width, label=v)
-    ax.set_xticks(range(len(scopes)), scopes)
-    ax.set(ylabel="tokens/s", title="SpecMesh vs transformers (greedy, same pair, same threads)")
-    ax.legend()
-    ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
-
-
-def plot_quality(s: dict, path: Path) -> Path:
-    labels = [v["label"] for v in s["variants"]]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.bar(labels, [s["pass_at_1"][x] for x in labels], color="tab:purple")
-    ax.set(ylabel="pass@1", ylim=(0, 1.05), title=f"HumanEval pass@1 ({len(s['problems'])} problems)")
-    ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
-
-
-PLOTS = {"latency": plot_latency, "gamma": plot_gamma, "sparsifier": plot_sparsifier, "hf": plot_hf,
-         "quality": plot_quality}
 
 
 if __name__ == "__main__":  # rebuild report.md and the plots from DIR/results.json

@@ -1,9 +1,9 @@
 """How ``specmesh bench`` measures: engines over modelled links, side-by-side runs, spreads.
 
 A :class:`Bench` holds one engine at a time (links are fixed when workers are built), runs variants
-side by side with their baseline (``benchmarks.compare.run_side_by_side``) ``repeats`` times, and keeps
-every raw run. Ratios are taken within one repetition (``compare.summarise``), then summarised as mean
-and min..max over the repetitions by :func:`stat`.
+side by side with their baseline (``specmesh.cluster.compare.run_side_by_side``) ``repeats`` times, and
+keeps every raw run. Ratios are taken within one repetition (``compare.summarise``), then summarised as
+mean and min..max over the repetitions by :func:`stat`.
 """
 from __future__ import annotations
 
@@ -11,24 +11,24 @@ import dataclasses
 import gc
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Mapping
 
 import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from specmesh.cluster.topology import Topology, single_machine
+from specmesh.cluster.compare import BASELINE, Run, Summary, Variant, run_side_by_side, summarise
+from specmesh.cluster.topology import Topology, dump_topology, single_machine
 from specmesh.runtime.api import SpecMesh
 from specmesh.runtime.config import SpecConfig
 
-from .compare import BASELINE, Run, Summary, Variant, run_side_by_side, summarise
+from .options import BenchOptions, Grid, ModelSet
 from .prompts import humaneval
-
-if TYPE_CHECKING:
-    from .suite import BenchOptions, Grid, ModelSet
 
 TINY_PROMPTS = 3  # random token-id prompts for tiny models (they have no tokenizer)
 TINY_PROMPT_LEN = 12
+# Prompt ids are drawn below this: the tiny models' vocabulary (256, actors.tiny) without its EOS id (255).
+TINY_PROMPT_ID_LIMIT = 255
 _SUMMARY_FIELDS = ("tokens_per_s", "speedup", "mean_accepted_length", "acceptance_rate",
                    "bytes_up_per_token", "bytes_down_per_token", "wall_s", "tokens")
 
@@ -100,7 +100,7 @@ class Bench:
         if self._engine is None or self._engine[0] != key:
             self.close()
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(topology_toml(topo), encoding="utf-8")
+            path.write_text(dump_topology(topo), encoding="utf-8")
             with self.console.status(f"loading {self.models.target} in {num_stages} stage(s)"):
                 engine = SpecMesh(self.config(num_stages=num_stages, topology=str(path)))
             self._engine = (key, engine, topo)
@@ -113,11 +113,14 @@ class Bench:
             gc.collect()
 
     def prompts(self, scenario: str) -> list[tuple[str, str | list[int]]]:
+        """``(id, prompt)`` pairs of ``scenario``: seeded random ids (tiny models) or HumanEval prompts."""
         if self._prompts is None:
             if self.options.models == "tiny":
                 gen = torch.Generator().manual_seed(self.options.seed)
-                self._prompts = [(f"random-{i}", torch.randint(0, 255, (TINY_PROMPT_LEN,), generator=gen).tolist())
-                                 for i in range(TINY_PROMPTS)]
+                self._prompts = []
+                for i in range(TINY_PROMPTS):
+                    ids = torch.randint(0, TINY_PROMPT_ID_LIMIT, (TINY_PROMPT_LEN,), generator=gen)  # [len]
+                    self._prompts.append((f"random-{i}", ids.tolist()))
             else:
                 self._prompts = humaneval(self.options.problems)
         return self._prompts[: self.grid.prompts.get(scenario, len(self._prompts))]
@@ -159,22 +162,9 @@ def decoder(engine: SpecMesh) -> Callable | None:
 
 
 def config_dict(engine: SpecMesh) -> dict:
-    """The engine's configuration, for the results file."""
-    return dataclasses.asdict(engine.config)
-
-
-def topology_toml(topo: Topology) -> str:
-    """A topology file for ``topo`` (one built by ``single_machine``: default link, no listed links)."""
-    def num(x: float) -> str:
-        return "inf" if math.isinf(x) else repr(float(x))
-
-    lines = [f'name = "{topo.name}"', f"stages = {list(topo.stages)!r}".replace("'", '"'), "",
-             "[models]", f'target = "{topo.models.target}"']
-    if topo.models.draft is not None:
-        lines.append(f'draft = "{topo.models.draft}"')
-    lines += ["", "[default_link]", f"latency_ms = {num(topo.default_link.latency_ms)}",
-              f"bandwidth_mbps = {num(topo.default_link.bandwidth_mbps)}"]
-    for node in topo.nodes:
-        lines += ["", "[[nodes]]", f'name = "{node.name}"', f'role = "{node.role}"']
-    return "\n".join(lines) + "\n"
-
+    """The engine's configuration, for the results file (read-only mappings become plain dicts)."""
+    out = {}
+    for f in dataclasses.fields(engine.config):
+        value = getattr(engine.config, f.name)
+        out[f.name] = dict(value) if isinstance(value, Mapping) else value
+    return out

@@ -8,14 +8,15 @@ from typing import Callable
 import torch
 
 from specmesh.actors.models import resolve
-from specmesh.policies.acceptance import ACCEPTANCE, LOSSLESS
+from specmesh.cluster.compare import BASELINE, WARMUP_TOKENS, Variant, run_side_by_side
+from specmesh.policies.catalog import ACCEPTANCE, is_lossless
 
 from . import humaneval_eval
-from .compare import BASELINE, Variant, run_side_by_side
 from .prompts import humaneval_problem
 from .runner import Bench, config_dict, decoder, run_record, stat
 
 SPECMESH = Variant("specmesh", {})  # the engine's configuration as built: gamma 4, top-k 16, exact
+PEER_VARIANTS = (("hf-greedy", False), ("hf-assisted", True))  # transformers' generate: (label, assisted)
 
 
 def scenario_latency(b: Bench) -> dict:
@@ -82,7 +83,8 @@ def scenario_hf(b: Bench) -> dict:
     variants = [Variant(v.label, {**v.overrides, "max_new_tokens": n_tokens, "seed": b.options.seed})
                 for v in (BASELINE, SPECMESH)]
     rows = []
-    task = b.progress.add_task("hf", total=b.repeats * len(prompts) * 4)
+    per_prompt = len(variants) + len(PEER_VARIANTS)  # runs of one prompt in one repetition
+    task = b.progress.add_task("hf", total=b.repeats * len(prompts) * per_prompt)
     for r in range(b.repeats):
         for i, (pid, prompt) in enumerate(prompts):
             first = r == 0 and i == 0
@@ -91,8 +93,8 @@ def scenario_hf(b: Bench) -> dict:
             rows += [run_record(run, r, decode) for run in runs]
             ids = _ids(engine, prompt)
             if first:  # the peer's own warm-up, untimed
-                peer.generate(ids, 4, assisted=True)
-            for label, assisted in (("hf-greedy", False), ("hf-assisted", True)):
+                peer.generate(ids, WARMUP_TOKENS, assisted=True)
+            for label, assisted in PEER_VARIANTS:
                 got = peer.generate(ids, n_tokens, assisted=assisted)
                 rows.append({"prompt_id": pid, "variant": label, "repeat": r, "prompt_tokens": len(ids),
                              "tokens": len(got.output_ids), "wall_s": got.wall_s,
@@ -100,7 +102,7 @@ def scenario_hf(b: Bench) -> dict:
                              **({"text": decode(got.output_ids)} if decode else {})})
                 b.progress.advance(task)
             if b.checkpoint is not None:
-                b.checkpoint(f"hf {pid} repeat {r}", {"runs": rows[-4:]})
+                b.checkpoint(f"hf {pid} repeat {r}", {"runs": rows[-per_prompt:]})
     b.progress.remove_task(task)
     identity = [_identity(peer, pid, _ids(engine, prompt), rows, decode) for pid, prompt in prompts]
     settings = peer.settings()
@@ -166,7 +168,7 @@ def scenario_quality(b: Bench) -> dict:
     if engine.tokenizer is None:
         return {"skipped": f"{b.models.target} has no tokenizer: no code to run (the harness self-check ran)",
                 "self_check": self_check}
-    lossy = [n for n in ACCEPTANCE.names() if n not in LOSSLESS]
+    lossy = [n for n in ACCEPTANCE.names() if not is_lossless(n)]
     variants = [BASELINE, Variant("specmesh exact", {})]
     variants += [Variant(f"specmesh {name}", {"acceptance": name}) for name in lossy]
     n = b.grid.prompts.get("quality", len(problems))

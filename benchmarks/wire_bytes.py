@@ -39,6 +39,10 @@ DEFAULT_SEED = 0
 # Gumbel-perturbed prior in which low ids are likelier, as frequent tokens have low ids in BPE.
 SYNTH_ALPHA_RANGE = (1.2, 3.0)
 SYNTH_PRIOR_ID_SCALE = 1000.0  # prior logit is -log(1 + id / scale)
+GUMBEL_TINY = 1e-12  # uniform draws are clamped above 0 so that -log(-log(u)) stays finite
+# Sequence position of the first measured round (and the verdict's round number): mid-generation, so
+# that these integers take the bytes they take in a long session (small integers encode shorter).
+BASE_POSITION = 1000
 DEFAULT_TEXT = (
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    a, b = 0, 1\n"
     "    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
@@ -63,7 +67,7 @@ def synthetic_probs(positions: int, vocab: int, seed: int) -> torch.Tensor:
     """Heavy-tailed draft distributions ``[positions, vocab]`` float32 (see ``SYNTH_*``)."""
     gen = torch.Generator().manual_seed(seed)
     prior = -torch.log1p(torch.arange(vocab) / SYNTH_PRIOR_ID_SCALE)  # [V]
-    uniform = torch.rand(positions, vocab, generator=gen).clamp_min(1e-12)
+    uniform = torch.rand(positions, vocab, generator=gen).clamp_min(GUMBEL_TINY)  # [n, V]
     order = torch.argsort(prior - torch.log(-torch.log(uniform)), dim=-1, descending=True)  # [n, V]
     lo, hi = SYNTH_ALPHA_RANGE
     alpha = lo + (hi - lo) * torch.rand(positions, 1, generator=gen)  # [n, 1]
@@ -98,10 +102,10 @@ def measure(probs: torch.Tensor, truncate: Callable[[torch.Tensor], SparseDist],
     rounds = probs.shape[0] // gamma
     for r in range(rounds):
         block = probs[r * gamma:(r + 1) * gamma]  # [gamma, V]
-        q = codec.quantise_sparse(truncate(block), raw_cfg)
+        q = sparse.quantise_fp16(truncate(block))  # what a draft samples from and sends
         pick = torch.multinomial(q.probs, 1, generator=gen)  # [gamma, 1] positions in each row
         candidates = q.indices.gather(1, pick).view(-1)
-        msg = DraftProposal("session-0", r, 1000 + r * gamma, [int(candidates[-1])], candidates, q)
+        msg = DraftProposal("session-0", r, BASE_POSITION + r * gamma, [int(candidates[-1])], candidates, q)
         raw_bytes += len(codec.encode(msg, raw_cfg))
         zstd_bytes += len(codec.encode(msg, zstd_cfg))
         kept = q.probs > 0
@@ -126,7 +130,7 @@ def build_table(probs: torch.Tensor, gamma: int, level: int, seed: int, index_co
 def downlink_bytes(gamma: int, tokens_per_round: float) -> int:
     """Bytes of a typical VerifyResult (chain, ``round(tokens_per_round) - 1`` accepted)."""
     accepted = max(0, min(gamma, round(tokens_per_round) - 1))
-    msg = VerifyResult("session-0", 1000, accepted, [QWEN_VOCAB - 1] * (accepted + 1),
+    msg = VerifyResult("session-0", BASE_POSITION, accepted, [QWEN_VOCAB - 1] * (accepted + 1),
                        [i < accepted for i in range(gamma)])
     return len(codec.encode(msg))
 

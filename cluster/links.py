@@ -1,16 +1,18 @@
 """The link model: how long a message of ``n`` bytes takes to cross a link.
 
 A link has a one-way latency and a bandwidth; a message of ``n`` bytes arrives
-``latency + n * 8 / bandwidth`` seconds after it is sent. On one machine there is no network to pay
-that cost, so the receiving actor pays it itself, with an awaited sleep (:func:`deliver`) or a blocking
-one (:func:`sleep_for`) before it handles the message. On a real cluster the network pays it and the
-model stays off, unless a user asks for it to emulate a slower network (see :func:`emulated`).
+``latency + n * 8 / bandwidth`` seconds after it is sent (:meth:`LinkSpec.delay_s`). On one machine
+there is no network to pay that cost, so the receiver pays it itself before it handles the message:
+a Ray actor awaits ``asyncio.sleep(link.delay_s(n))`` (``specmesh.actors.remote``), and the
+in-process backend and the driver receiving a verdict block in :func:`sleep_for`. Each message pays
+its own delay; the model does not queue messages that share a link (a round sends one message per
+hop). On a real cluster the network pays the cost and the model stays off, unless a user asks for it
+to emulate a slower network (see :func:`emulated`).
 
 Nothing here knows Ray, the topology file or the wire codec: callers pass the link and the encoded size.
 """
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -80,7 +82,8 @@ def emulated(link: LinkSpec, mode: str, real_network: bool) -> LinkSpec:
         real_network: True when messages cross a real network (the ``cluster`` backend).
 
     Returns:
-        The link to pass to :func:`deliver` / :func:`sleep_for`; ``IDEAL`` when nothing is emulated.
+        The link whose delay the receiver sleeps (:func:`sleep_for`, ``delay_s``); ``IDEAL`` when
+            nothing is emulated.
     """
     if mode == EMULATE_AUTO:
         return IDEAL if real_network else link
@@ -93,56 +96,18 @@ def emulated(link: LinkSpec, mode: str, real_network: bool) -> LinkSpec:
     raise ValueError(f"emulate = {mode!r}: must be one of {', '.join(EMULATE_MODES)}")
 
 
-class LinkQueue:
-    """One direction of one link, with messages in flight: bandwidth is shared, latency overlaps.
-
-    Two messages sent together on a link do not both arrive after their own ``delay_s``: the second
-    waits for the first to leave the sender. The queue keeps when the link is next free, so that
-    concurrent deliveries in an async actor serialise their transfer time and overlap their latency.
-    Pure bookkeeping: the caller passes the clock.
-    """
-
-    def __init__(self, link: LinkSpec) -> None:
-        self.link = link  # the modelled link
-        self._free_at = -math.inf  # clock time at which the link has finished sending all it holds
-
-    def arrival(self, now: float, nbytes: int) -> float:
-        """Reserve the link for a message of ``nbytes`` sent at ``now``; return its arrival time."""
-        start = max(now, self._free_at)
-        self._free_at = start + self.link.transfer_s(nbytes)
-        return self._free_at + self.link.latency_ms / MS_PER_S
-
-
-def _wait_s(link: LinkSpec, nbytes: int, queue: LinkQueue | None, now: float) -> float:
-    if queue is None:
-        return link.delay_s(nbytes)
-    if queue.link != link:
-        raise ValueError(f"queue models {queue.link}, not the link given ({link})")
-    return max(0.0, queue.arrival(now, nbytes) - now)
-
-
-async def deliver(link: LinkSpec, nbytes: int, queue: LinkQueue | None = None) -> float:
-    """Await the modelled time for ``nbytes`` to cross ``link`` (call in the receiving async actor).
+def sleep_for(link: LinkSpec, nbytes: int) -> float:
+    """Block for the modelled time ``nbytes`` take to cross ``link`` (the in-process backend, the driver).
 
     Args:
         link: the emulated link (see :func:`emulated`); an ideal link returns at once, with no sleep.
         nbytes: size of the encoded message.
-        queue: the link's :class:`LinkQueue` when several messages may be in flight on it at once.
 
     Returns:
-        The seconds slept.
+        The seconds slept: ``link.delay_s(nbytes)``.
     """
     if link.is_ideal:
         return 0.0
-    wait = _wait_s(link, nbytes, queue, time.monotonic())
-    await asyncio.sleep(wait)
-    return wait
-
-
-def sleep_for(link: LinkSpec, nbytes: int, queue: LinkQueue | None = None) -> float:
-    """Blocking twin of :func:`deliver`, for the in-process backend. Returns the seconds slept."""
-    if link.is_ideal:
-        return 0.0
-    wait = _wait_s(link, nbytes, queue, time.monotonic())
+    wait = link.delay_s(nbytes)
     time.sleep(wait)
     return wait

@@ -7,6 +7,7 @@ turns a dead or silent worker into a :class:`RemoteError` naming it.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import statistics
@@ -22,12 +23,13 @@ from specmesh.actors.models import resolve
 from specmesh.actors.remote import DraftActor, EchoActor, InboundLink, StageActor, WorkerSpec
 from specmesh.runtime import codec
 from specmesh.runtime.config import SpecConfig
-from specmesh.runtime.interfaces import Backend, ModelInfo
+from specmesh.runtime.interfaces import Backend, ModelInfo, WorkerFailure
 from specmesh.runtime.messages import ErrorMessage, OpenSession, ProposeRequest, VerifyResult
-from specmesh.runtime.traffic import DOWNLINK, TrafficMeter, TrafficSnapshot
+from specmesh.runtime.traffic import DOWNLINK, UPLINK, TrafficMeter, TrafficSnapshot
 
 from . import links
 from .inproc import check_vocab, model_info, round_hops, topology_for
+from .layout import check_threads
 from .topology import Topology
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,9 @@ PIN = 0.001
 _REASON_CHARS = 400  # how much of a Ray error a RemoteError quotes
 
 
-class RemoteError(RuntimeError):
-    """A round failed: a worker answered with an error message, died, or missed its deadline."""
+class RemoteError(WorkerFailure):
+    """A round failed: a worker died or missed its deadline (``role`` names it), or answered with
+    an error message (``role`` None: the worker lives on)."""
 
 
 @dataclass
@@ -51,6 +54,8 @@ class _Worker:
     role: str  # "draft", "stage0", ...
     handle: object  # the Ray actor handle
     info: dict = field(default_factory=dict)  # pid, node_id, ip, threads, ...
+    spawn: object = None  # () -> a new actor handle like this one (recovery)
+    incarnation: int = 0  # how many times it was replaced
 
     def __str__(self) -> str:
         if not self.info:
@@ -116,12 +121,13 @@ class RemoteCalls:
                 continue
             try:
                 if ref not in ready:
-                    raise RemoteError(f"{w} did not answer {method} within {timeout:g} s")
+                    raise RemoteError(f"{w} did not answer {method} within {timeout:g} s", w.role)
                 answers.append(ray.get(ref))
                 self.unresponsive.discard(w.role)
             except (RemoteError, ray.exceptions.RayActorError) as exc:
                 self.unresponsive.add(w.role)
-                failures.append(exc if isinstance(exc, RemoteError) else RemoteError(f"{w} died: {_reason(exc)}"))
+                failures.append(exc if isinstance(exc, RemoteError)
+                                else RemoteError(f"{w} died: {_reason(exc)}", w.role, dead=True))
                 answers.append(None)
             except ray.exceptions.RayTaskError:  # the method raised; the actor lives on
                 if not best_effort:
@@ -135,23 +141,57 @@ class RemoteCalls:
 
     def round_failed(self, chain: list[tuple[_Worker, ray.ObjectRef]], session_id: str, rnd: int,
                      exc: BaseException) -> RemoteError:
-        """The error of a round whose verdict did not come: names the first worker of the chain
-        that died, failed or is still silent, and marks it unresponsive."""
+        """The error of a round whose verdict did not come: names the worker of the chain that died
+        or failed (the first such), else the first that is still silent, and marks it unresponsive.
+
+        A worker's answer is looked at where it lies (``fetch_local=False``): the driver never
+        fetches the frames that actors hand to each other, so waiting for them to arrive here would
+        call a worker that answered long ago silent.
+        """
         where = f"round {rnd} of session {session_id}"
+        silent = None
         for worker, ref in chain:
-            done, _ = ray.wait([ref], timeout=0)
+            done, _ = ray.wait([ref], timeout=0, fetch_local=False)
             if not done:
-                self.unresponsive.add(worker.role)
-                return RemoteError(f"{where}: no verdict within {self.timeout_s:g} s; {worker} has not "
-                                   f"answered (stuck, or its node is unreachable)")
+                silent = silent or worker
+                continue
             try:
-                ray.get(ref, timeout=0)
+                ray.get(ref, timeout=self.timeout_s)
             except ray.exceptions.RayActorError as err:
                 self.unresponsive.add(worker.role)
-                return RemoteError(f"{where}: {worker} died: {_reason(err)}")
+                return RemoteError(f"{where}: {worker} died: {_reason(err)}", worker.role, dead=True)
+            except ray.exceptions.GetTimeoutError:
+                silent = silent or worker
             except ray.exceptions.RayError as err:
-                return RemoteError(f"{where}: {worker} failed: {_reason(err)}")
+                return RemoteError(f"{where}: {worker} failed: {_reason(err)}", worker.role)
+        if silent is not None:
+            self.unresponsive.add(silent.role)
+            return RemoteError(f"{where}: no verdict within {self.timeout_s:g} s; {silent} has not "
+                               f"answered (stuck, or its node is unreachable)", silent.role)
         return RemoteError(f"{where}: {_reason(exc)}")
+
+    def replace(self, worker: _Worker, seen_incarnation: int) -> bool:
+        """Kills ``worker``'s actor and starts a fresh one like it (its weights reloaded from the
+        node's cache), unless another session already did since it saw ``seen_incarnation``."""
+        if worker.incarnation != seen_incarnation:
+            return True
+        if worker.spawn is None:
+            return False
+        try:
+            ray.kill(worker.handle, no_restart=True)
+        except Exception:  # already gone
+            pass
+        try:
+            handle = worker.spawn()
+            info = ray.get(handle.ready.remote(), timeout=LOAD_TIMEOUT_S)
+        except ray.exceptions.RayError as err:
+            log.warning("could not replace %s: %s", worker, _reason(err))
+            return False
+        worker.handle, worker.info = handle, info
+        worker.incarnation += 1
+        self.unresponsive.discard(worker.role)
+        log.warning("replaced %s", worker)
+        return True
 
 
 class RayTraffic(TrafficMeter):
@@ -191,9 +231,12 @@ class RayDrafter:
     def close(self, session_id: str) -> dict:
         return self.calls.call([self.worker], "close", session_id, best_effort=True)[0] or {}
 
-    def speculate(self, session_id: str, gamma: int) -> None:
+    def recover(self) -> bool:
+        return self.calls.replace(self.worker, self.worker.incarnation)
+
+    def speculate(self, session_id: str, gamma: int, width: int) -> None:
         # Fire and forget: the actor runs it after propose, while the stages verify.
-        self.actor.speculate.remote(session_id, gamma)
+        self.actor.speculate.remote(session_id, gamma, width)
 
     def propose(self, req: ProposeRequest) -> _Pending:
         # An ObjectRef that the driver never fetches: it goes straight to stage 0.
@@ -202,8 +245,10 @@ class RayDrafter:
 
 class RayTarget:
     def __init__(self, stages: list[_Worker], draft: _Worker | None, downlink: links.LinkSpec,
-                 down_name: str, traffic: TrafficMeter, vocab_size: int, calls: RemoteCalls) -> None:
+                 down_name: str, traffic: TrafficMeter, vocab_size: int, calls: RemoteCalls,
+                 up_name: str = "") -> None:
         self.workers = stages
+        self.up_name = up_name
         self.draft = draft
         self.downlink = downlink
         self.down_name = down_name
@@ -222,12 +267,19 @@ class RayTarget:
     def close(self, session_id: str) -> None:
         self.calls.call(self.workers, "close", session_id, best_effort=True)
 
+    def recover(self, role: str) -> bool:
+        worker = next((w for w in self.workers if w.role == role), None)
+        return worker is not None and self.calls.replace(worker, worker.incarnation)
+
     def verify(self, proposal) -> VerifyResult:
         if isinstance(proposal, _Pending):
             ref, session_id, rnd = proposal.ref, proposal.session_id, proposal.round
             chain = [(self.draft, ref)]
         else:  # target-only: the driver is the device and sends the proposal itself
-            ref, session_id, rnd = ray.put(codec.encode(proposal)), proposal.session_id, proposal.round
+            t0 = time.perf_counter()
+            data = codec.encode(proposal)
+            self.traffic.add_codec_time(self.up_name, UPLINK, (time.perf_counter() - t0) * 1e3, proposal.session_id)
+            ref, session_id, rnd = ray.put(data), proposal.session_id, proposal.round
             chain = []
         for stage in self.workers:
             ref = stage.handle.step.remote(ref)
@@ -236,9 +288,11 @@ class RayTarget:
             data = ray.get(ref, timeout=self.calls.timeout_s)
         except ray.exceptions.RayError as exc:  # GetTimeoutError included
             raise self.calls.round_failed(chain, session_id, rnd, exc) from None
-        self.traffic.record(self.down_name, DOWNLINK, len(data), session_id)
-        links.sleep_for(self.downlink, len(data))
+        delay_s = links.sleep_for(self.downlink, len(data))
+        t0 = time.perf_counter()
         msg = codec.decode(data, vocab_size=self.vocab_size)
+        self.traffic.record(self.down_name, DOWNLINK, len(data), session_id, delay_s * 1e3,
+                            (time.perf_counter() - t0) * 1e3)
         if isinstance(msg, ErrorMessage):
             raise RemoteError(f"round {msg.round} of session {msg.session_id} failed: {msg.code}: {msg.text}")
         return msg
@@ -296,7 +350,15 @@ def _build(config: SpecConfig, cluster: bool) -> Backend:
     total = hf.num_layers(hf.load_config(target_dir))
     split = topology.split_layers(total)
     info: ModelInfo = model_info(target_dir, total)
-    threads = config.threads or 1
+    check_threads(topology, config.threads)
+    if not cluster:  # every node is this machine: the cores they name must exist here
+        topology.check_machine_cores()
+
+    def compute(host: str) -> tuple[int, tuple[int, ...] | None]:
+        """Threads and cores of an actor on ``host``: the node's cores, one thread each."""
+        cores = topology.cores_for(host)
+        return config.threads or (len(cores) if cores else 1), cores
+
     placement = _placement(topology, cluster)
     hops = round_hops(topology)
     mode = topology.emulate
@@ -307,14 +369,22 @@ def _build(config: SpecConfig, cluster: bool) -> Backend:
             hop = hops[i]
             link = links.emulated(hop.spec, mode, real_network=cluster)
             inbound = InboundLink(hop.name, hop.direction, None if link.is_ideal else link)
-            spec = WorkerSpec(config.target, (layers.start, layers.stop), config.dtype, threads, config.cache_dir)
-            handle = StageActor.options(**placement.options[i + 1]).remote(spec, inbound, cluster)
-            workers.append(_Worker(f"stage{i}", handle))
+            threads, cores = compute(topology.stages[i])
+            spec = WorkerSpec(config.target, (layers.start, layers.stop), config.dtype, threads,
+                              config.cache_dir, cores)
+            out = hops[i + 1]  # the next stage's inbound hop, or the downlink after the last stage
+            spawn = functools.partial(StageActor.options(**placement.options[i + 1]).remote, spec, inbound,
+                                      cluster, InboundLink(out.name, out.direction))
+            workers.append(_Worker(f"stage{i}", spawn(), spawn=spawn))
         stages = list(workers)
         draft = None
         if config.draft is not None:
-            spec = WorkerSpec(config.draft, None, config.dtype, threads, config.cache_dir)
-            draft = _Worker("draft", DraftActor.options(**placement.options[0]).remote(spec, cluster))
+            threads, cores = compute(topology.device.name)
+            spec = WorkerSpec(config.draft, None, config.dtype, threads, config.cache_dir, cores,
+                              config.draft_quant, config.draft_head_rows)
+            spawn = functools.partial(DraftActor.options(**placement.options[0]).remote, spec, cluster,
+                                      InboundLink(hops[0].name, hops[0].direction))
+            draft = _Worker("draft", spawn(), spawn=spawn)
             workers.append(draft)
         # Readiness: every actor has loaded its model (errors surface here, before any round).
         try:
@@ -331,12 +401,15 @@ def _build(config: SpecConfig, cluster: bool) -> Backend:
     traffic = RayTraffic(workers, calls)
     down = hops[-1]
     downlink = links.emulated(down.spec, mode, real_network=cluster)
-    target = RayTarget(stages, draft, downlink, down.name, traffic, info.vocab_size, calls)
+    target = RayTarget(stages, draft, downlink, down.name, traffic, info.vocab_size, calls, hops[0].name)
     drafter = RayDrafter(draft, calls) if draft is not None else None
     backend = Backend(drafter, target, info, hf.load_tokenizer(target_dir), traffic,
-                      device_links=(hops[0].name, hops[-1].name))
+                      device_links=(hops[0].name, hops[-1].name), num_stages=len(stages))
     backend.close = lambda: _kill(workers, placement)
     backend.workers = [{"role": w.role, **w.info} for w in workers]
+    # Separate machines, or one machine whose device cores are the draft's alone: overlap pays.
+    pinned = topology.cores_for(topology.device.name) is not None
+    backend.draft_cores_disjoint = topology.device_cores_disjoint() if pinned else cluster
     return backend
 
 

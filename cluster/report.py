@@ -1,17 +1,19 @@
-"""What the CLI prints: streamed text, progress, and the closing table of speed and bytes."""
+"""What ``specmesh run`` and ``specmesh demo`` print: streamed text, progress, and the closing table
+of speed, acceptance and bytes (from the side-by-side runs of :mod:`specmesh.cluster.compare`)."""
 from __future__ import annotations
 
-import platform
+import math
 import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from specmesh.benchmarks.compare import BASELINE, Run, Variant, run_side_by_side, summarise
+from specmesh.actors import hardware, hf
 from specmesh.runtime.api import SpecMesh
 from specmesh.runtime.config import SpecConfig
 
+from .compare import BASELINE, Run, Variant, run_side_by_side, summarise
 from .inproc import topology_for
 
 SPECMESH = "specmesh"
@@ -20,7 +22,7 @@ DENSE = "specmesh dense-q"
 
 def run_and_report(
     cfg: SpecConfig, prompts: list[tuple[str, str]], *, compare: bool, console: Console, out: Console,
-    dense: bool = False,
+    dense: bool = False, profile: bool = False,
 ) -> list[Run]:
     """Loads the engine, runs the prompts (streaming SpecMesh's text), prints the summary table."""
     topology = topology_for(cfg)
@@ -41,7 +43,9 @@ def run_and_report(
             runs += _run(engine, prompts[:1], [dense_variant], console, out, warmup=False, stream=False)
     finally:
         engine.close()
-    out.print(_table(runs, cfg, topology.describe_links()))
+    out.print(summary_table(runs, cfg, topology.describe_links()))
+    if profile:
+        out.print(profile_table(runs))
     return runs
 
 
@@ -71,21 +75,71 @@ def _run(engine, prompts, variants, console, out, warmup=True, stream=True) -> l
         return run_side_by_side(engine, prompts, variants, on_run=on_run, on_tokens=on_tokens, warmup=warmup)
 
 
-def _table(runs: list[Run], cfg: SpecConfig, links: str) -> Table:
-    table = Table(title=f"SpecMesh vs target-only ({cfg.backend}, {cfg.num_stages} stages, {links}; "
-                        f"{platform.machine()}, {cfg.dtype})")
-    for col in ("variant", "tokens", "tok/s", "speedup", "decode tok/s", "decode speedup",
-                "mean acc. len", "acceptance", "up B/tok", "down B/tok", "same output"):
-        table.add_column(col, justify="right" if col != "variant" else "left")
+# Columns of the closing table, in order; "variant" is left-aligned, the figures right-aligned.
+COLUMNS = ("variant", "tokens", "tok/s", "speedup", "decode tok/s", "decode speedup", "mean acc. len",
+           "acceptance", "up B/tok", "down B/tok", "same output")
+NONE = "-"  # a cell that has no value: a ratio without a baseline, the baseline against itself
+
+
+def _ratio(x: float) -> str:
+    return NONE if math.isnan(x) else f"{x:.2f}x"
+
+
+def summary_rows(runs: list[Run]) -> list[list[str]]:
+    """The cells of the closing table (one row per variant, ``COLUMNS`` order), from
+    :func:`~specmesh.cluster.compare.summarise` of ``runs``."""
+    rows = []
     for s in summarise(runs):
-        table.add_row(
-            s.variant, str(s.tokens), f"{s.tokens_per_s:.2f}",
-            f"{s.speedup:.2f}x" if s.speedup == s.speedup else "-",
-            f"{s.decode_tokens_per_s:.2f}",
-            f"{s.decode_speedup:.2f}x" if s.decode_speedup == s.decode_speedup else "-",
-            f"{s.mean_accepted_length:.2f}", f"{s.acceptance_rate:.2f}" if s.variant != BASELINE.label else "-",
-            f"{s.bytes_up_per_token:.0f}", f"{s.bytes_down_per_token:.0f}",
-            "-" if s.same_output_as_baseline is None or s.variant == BASELINE.label
-            else ("yes" if s.same_output_as_baseline else "no"),
-        )
+        is_base = s.variant == BASELINE.label
+        same = NONE if s.same_output_as_baseline is None or is_base else ("yes" if s.same_output_as_baseline else "no")
+        rows.append([
+            s.variant, str(s.tokens), f"{s.tokens_per_s:.2f}", _ratio(s.speedup), f"{s.decode_tokens_per_s:.2f}",
+            _ratio(s.decode_speedup), f"{s.mean_accepted_length:.2f}", NONE if is_base else f"{s.acceptance_rate:.2f}",
+            f"{s.bytes_up_per_token:.0f}", f"{s.bytes_down_per_token:.0f}", same,
+        ])
+    return rows
+
+
+def summary_table(runs: list[Run], cfg: SpecConfig, links: str) -> Table:
+    """The closing table of ``specmesh run`` / ``specmesh demo``: speed, acceptance and bytes per variant."""
+    dtype = hf.resolve_dtype(cfg.dtype)
+    table = Table(title=f"SpecMesh vs target-only ({cfg.backend}, {cfg.num_stages} stages, {links}; "
+                        f"dtype {cfg.dtype} -> {str(dtype).removeprefix('torch.')}, draft {cfg.draft_quant}; "
+                        f"{hardware.cpu_summary()})")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for row in summary_rows(runs):
+        table.add_row(*row)
+    return table
+
+
+PROFILE_PARTS = ("draft", "stages", "links", "codec", "rest")
+
+
+def profile_rows(runs: list[Run]) -> list[list[str]]:
+    """Per variant, summed over its runs: milliseconds per round of each part of the round
+    (:meth:`SessionStats.profile`), the limit the compute and links allow, and achieved/limit."""
+    totals: dict[str, dict[str, float]] = {}
+    for run in runs:
+        p = run.result.stats.profile()
+        t = totals.setdefault(run.variant, {"rounds": 0.0, **{k: 0.0 for k in p}})
+        t["rounds"] += run.result.stats.rounds
+        for k, v in p.items():
+            t[k] += v
+    rows = []
+    for variant, t in totals.items():
+        per = lambda k: f"{t[k] / max(t['rounds'], 1):.1f}"  # noqa: E731
+        eff = t["limit"] / t["wall"] if t["wall"] else 0.0
+        rows.append([variant, f"{t['rounds']:.0f}", per("wall"), *(per(k) for k in PROFILE_PARTS),
+                     per("limit"), f"{eff:.2f}"])
+    return rows
+
+
+def profile_table(runs: list[Run]) -> Table:
+    """Where a round's time went, per variant (ms per round), and achieved/limit."""
+    table = Table(title="where a round's time goes (ms per round; limit = draft + stages + links)")
+    for col in ("variant", "rounds", "round", *PROFILE_PARTS, "limit", "limit/round time"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for row in profile_rows(runs):
+        table.add_row(*row)
     return table

@@ -17,6 +17,7 @@ _EXPORTS = {
     "build_backend": "specmesh.runtime.api",
     "SessionStats": "specmesh.runtime.stats",
     "SamplingParams": "specmesh.runtime.messages",
+    "GenerationError": "specmesh.runtime.scheduler",
 }
 
 __all__ = sorted(_EXPORTS)

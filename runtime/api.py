@@ -17,11 +17,14 @@ from typing import Iterator, Sequence
 
 from .config import SpecConfig
 from .interfaces import Backend
-from .scheduler import Generation, StopRule
+from .scheduler import Generation, GenerationError
+from .stop import StopRule
 from .stats import SessionStats
 
 # Fields that decide which workers exist: they cannot change per call.
-_BUILD_FIELDS = ("target", "num_stages", "dtype", "backend", "threads", "cache_dir", "topology")
+# timeout_s too: the deadline of every remote wait is part of the built pipeline.
+_BUILD_FIELDS = ("target", "num_stages", "dtype", "backend", "threads", "cache_dir", "topology", "timeout_s",
+                "draft_quant", "draft_head_rows")
 
 # backend name -> "module:function" building a Backend from a SpecConfig.
 _BACKEND_BUILDERS = {
@@ -104,12 +107,22 @@ class SpecMesh:
         )
         backend = self.backend if cfg.draft is not None else dataclasses.replace(self.backend, drafter=None)
         return Generation(
-            backend, ids, cfg.sampling_params(), stop, cfg.gamma, cfg.draft_length, session_id,
-            cfg.tree_width, cfg.overlap if cfg.overlap is not None else cfg.backend == "cluster",
+            backend, ids, cfg.sampling_params(), cfg.policy_map(), stop, cfg.draft_length_policy(),
+            cfg.gamma, session_id, cfg.tree_width, self._overlap(cfg),
         )
 
+    def _overlap(self, cfg: SpecConfig) -> bool:
+        """Overlap as configured; by default on where the backend says the draft has cores of its own."""
+        if cfg.overlap is not None:
+            return cfg.overlap
+        return self.backend.draft_cores_disjoint
+
     def generate(self, prompt: str | Sequence[int], **overrides) -> GenerationResult:
-        """Generates to the end; see :meth:`generation` for ``overrides``."""
+        """Generates to the end; see :meth:`generation` for ``overrides``.
+
+        Raises:
+            GenerationError: a round failed; its ``output_ids`` hold every token committed before.
+        """
         gen = self.generation(prompt, **overrides)
         gen.run()
         return GenerationResult(

@@ -12,6 +12,20 @@ from .messages import DraftProposal, OpenSession, ProposeRequest, VerifyResult
 from .traffic import TrafficMeter
 
 
+class WorkerFailure(RuntimeError):
+    """A worker died, missed its deadline or is unreachable (not: it answered with an error).
+
+    Attributes:
+        role: the worker that failed ("draft", "stage0", ...), or None when it is not known.
+        dead: True when the worker is known gone (died, node lost) rather than slow.
+    """
+
+    def __init__(self, message: str, role: str | None = None, dead: bool = False) -> None:
+        super().__init__(message)
+        self.role = role
+        self.dead = dead
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the scheduler must know of the target model.
@@ -38,9 +52,12 @@ class Drafter(Protocol):
     def propose(self, req: ProposeRequest) -> Any:
         """Starts drafting a round; returns a handle to its :class:`DraftProposal`."""
 
-    def speculate(self, session_id: str, gamma: int) -> None:
-        """Drafts the next round ahead, on the likeliest verdict, while this one is verified
-        (fire and forget on Ray; runs inline in process)."""
+    def recover(self) -> bool:
+        """Replaces a failed draft worker; False when it cannot be brought back (yet)."""
+
+    def speculate(self, session_id: str, gamma: int, width: int) -> None:
+        """Drafts the next round ahead (``gamma`` depths of ``width``), on the likeliest verdict,
+        while this one is verified (fire and forget on Ray; runs inline in process)."""
 
 
 class Target(Protocol):
@@ -50,6 +67,10 @@ class Target(Protocol):
 
     def verify(self, proposal: Any) -> VerifyResult:
         """Runs a proposal (or a handle to one) through every stage; returns the verdict."""
+
+    def recover(self, role: str) -> bool:
+        """Replaces failed stage ``role`` with a fresh worker (weights reloaded, no sessions);
+        False when this backend cannot (the session then ends with its committed tokens)."""
 
 
 @dataclass
@@ -66,6 +87,9 @@ class Backend:
             downlink); the other links are between stages.
         close: releases every worker and process.
         workers: where each worker runs (node, pid, threads), for reports; may be empty.
+        num_stages: target pipeline stages (the session tracks each one's cache positions).
+        draft_cores_disjoint: the draft computes on cores no stage uses (separate machines, or a
+            pinned layout on one machine): drafting ahead overlaps verification, so overlap is on.
     """
 
     drafter: Drafter | None
@@ -76,3 +100,5 @@ class Backend:
     device_links: tuple[str, ...] = ()
     close: Callable[[], None] = lambda: None
     workers: list[dict] = field(default_factory=list)
+    num_stages: int = 1
+    draft_cores_disjoint: bool = False

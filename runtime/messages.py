@@ -2,7 +2,7 @@
 
 Bytes on the wire are the business of :mod:`specmesh.runtime.codec` alone; this module only says what
 a message holds. Every message carries the session id and the round number so that a stale or
-misrouted reply is recognised and dropped, never applied.
+misrouted message is recognised: a worker raises on a round it has already seen, never applies it.
 
 Positions: a session's committed tokens are numbered 0, 1, 2, ...; a worker's KV cache holds the
 first ``n`` of them (plus, transiently, candidates). ``rollback`` tells a worker to keep only the first
@@ -10,44 +10,84 @@ first ``n`` of them (plus, transiently, candidates). ``rollback`` tells a worker
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .sparse import SparseDist
 
+PolicyValue = str | int | float | bool
+
+
+class Deferred(ABC):
+    """A field value still in its wire form, decoded (and validated) when first read.
+
+    The codec puts one in a :class:`DraftProposal` that it decodes inside a :class:`StageFrame`: a
+    middle stage never reads ``q`` and passes its bytes on unchanged; the last stage's ``proposal.q``
+    decodes it then, with every check of the wire format.
+    """
+
+    @abstractmethod
+    def resolve(self) -> Any:
+        """The decoded value (computed once; raises what decoding raises)."""
+
+
+class _DeferredField:
+    """Data descriptor of a dataclass field that may hold a :class:`Deferred` until it is read."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}_value"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:  # class access: the field has no default
+            raise AttributeError(self.slot)
+        value = obj.__dict__[self.slot]
+        return value.resolve() if isinstance(value, Deferred) else value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.slot] = value  # dataclass __init__ only: the class is frozen
+
+
+def deferred(obj: Any, name: str) -> Deferred | None:
+    """The :class:`Deferred` behind field ``name`` of ``obj``, if it came off the wire that way."""
+    value = obj.__dict__.get(f"_{name}_value")
+    return value if isinstance(value, Deferred) else None
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-session parameters that workers need (sent once, when a session opens).
+    """Per-session sampling parameters that workers need (sent once, when a session opens).
 
     Attributes:
         temperature: 0 = greedy.
         top_k: user top-k warper on p and q (0 = off).
         top_p: user top-p warper on p and q (1.0 = off).
         seed: root of every random draw of the session.
-        acceptance: name of the acceptance policy (see ``specmesh.policies.acceptance``).
-        sparsifier: name of the draft-side sparsifier (see ``specmesh.policies.sparsify``).
-        sparse_k: entries kept per position by ``top-k`` (and the cap for ``top-p``).
-        sparse_mass: probability mass kept per position by ``top-p``.
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
-    acceptance: str = "exact"
-    sparsifier: str = "top-k"
-    sparse_k: int = 16
-    sparse_mass: float = 0.95
 
 
 @dataclass(frozen=True)
 class OpenSession:
-    """Tells a worker to create the state of a session."""
+    """Tells a worker to create the state of a session.
+
+    Attributes:
+        session_id: names the session in every later message.
+        params: sampling parameters.
+        policy: the named policy map (``acceptance``, ``sparsifier`` and every knob of the
+            policies, e.g. ``sparse_k``): workers build their policy objects from it through the
+            policies' registries, so a new knob is not a wire-format change.
+    """
 
     session_id: str
     params: SamplingParams
+    policy: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -55,7 +95,7 @@ class DraftProposal:
     """Device -> stage 0: what the target must verify this round (the uplink message).
 
     Attributes:
-        session_id, round: identify the round; a reply for an older round is dropped.
+        session_id, round: identify the round; a worker raises on a round it has already seen.
         rollback: target stages keep only this many cached positions first.
         context: committed tokens the target has not cached yet, at positions ``rollback...``; the
             correction/bonus token of the previous round, or the whole prompt in round 1.
@@ -64,9 +104,11 @@ class DraftProposal:
         parents: tree parent of each candidate (index into ``candidates``, -1 = the last context
             token); empty for a chain.
         q: row ``i`` is the sparse distribution candidate ``i`` was drawn from, given its earlier
-            siblings (``g`` rows).
+            siblings (``g`` rows). Inside a decoded :class:`StageFrame` it stays in its wire form
+            until first read (see :class:`Deferred`).
         prev_path: for trees, the candidate indices of the previous round that were accepted, so
             stages can compact their KV cache to that path; empty for chains.
+        draft_ms: the draft's compute time for this proposal (the round's time breakdown).
     """
 
     session_id: str
@@ -74,9 +116,10 @@ class DraftProposal:
     rollback: int
     context: list[int]
     candidates: torch.Tensor  # [g] int64
-    q: SparseDist  # g rows
+    q: SparseDist = _DeferredField()  # g rows
     parents: list[int] = field(default_factory=list)
     prev_path: list[int] = field(default_factory=list)
+    draft_ms: float = 0.0
 
     @property
     def base(self) -> int:
@@ -92,8 +135,10 @@ class StageFrame:
     """Stage k -> stage k+1: hidden states of all fed tokens plus the proposal they belong to.
 
     Attributes:
-        proposal: passed through unchanged (the last stage needs its q and candidates).
-        hidden: ``[len(context) + g, hidden_size]`` in the model dtype (bf16 on the wire).
+        proposal: passed through unchanged (the last stage needs its q and candidates; the stages
+            before it pass q on as the bytes that came in).
+        hidden: ``[len(context) + g, hidden_size]``, on the wire in the model dtype (float16,
+            bfloat16 or float32), bit for bit.
         stage_ms: compute time of each stage so far, for the round's time breakdown.
     """
 
@@ -113,6 +158,7 @@ class VerifyResult:
             position).
         path: for trees, the accepted candidate indices; empty for chains.
         stage_ms: compute time of each stage this round.
+        draft_ms: the draft's compute time for the round's proposal (copied from it).
     """
 
     session_id: str
@@ -122,28 +168,7 @@ class VerifyResult:
     accepted_mask: list[bool] = field(default_factory=list)
     path: list[int] = field(default_factory=list)
     stage_ms: list[float] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class SplitPayload:
-    """DSSD split verification, edge -> device: the target's p at the first rejected position.
-
-    The device holds q there and samples the correction from ``norm(max(p - q, 0))`` itself.
-    """
-
-    session_id: str
-    round: int
-    accepted: int
-    p: SparseDist  # 1 row
-
-
-@dataclass(frozen=True)
-class Commit:
-    """Tells a worker which prefix of its cache is committed (rollback without a new round)."""
-
-    session_id: str
-    round: int
-    keep: int
+    draft_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -170,6 +195,8 @@ class ProposeRequest:
         width: candidates per depth (1 = a chain; more = a token tree whose first sibling at each
             depth is extended, the others are leaves).
         prev_path: the previous round's accepted candidate indices (for tree KV compaction).
+        stop_below: draft-side confidence stop (chains): stop after a depth whose draft top
+            probability is below this (None: draft all ``gamma``).
     """
 
     session_id: str
@@ -180,3 +207,4 @@ class ProposeRequest:
     target_rollback: int
     width: int = 1
     prev_path: list[int] = field(default_factory=list)
+    stop_below: float | None = None

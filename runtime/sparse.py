@@ -4,13 +4,33 @@ A :class:`SparseDist` holds, for each of ``n`` positions, ``k`` token ids and th
 Every entry not listed has probability exactly 0. Rows may be padded: padding entries carry
 probability 0 (their index is irrelevant but must be inside the vocabulary).
 
+:func:`quantise_fp16` is the q a draft worker samples from: the distribution exactly as a receiver
+decodes it from the float16 wire. The encoder picks the fp16 values so that the row sum is within
+``FP16_SUM_TOLERANCE`` (about 2**-12) of 1, close enough that every renormalised value still rounds
+back to the same fp16: quantisation is idempotent, so a draft may send the very q it sampled from and
+the receiver rebuilds it bit for bit (lossless needs the sender to sample from exactly the q the
+verifier uses). The row sum is exact in float64 (fp16 values are multiples of 2**-24), so sender and
+receiver agree bit for bit on any machine.
+
 This module is a leaf: it imports nothing of SpecMesh.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+# A row of probabilities must sum to 1 within this. A float32 softmax over V entries can be off by up
+# to V * 2**-24 (9e-3 for Qwen's 151,936; measured up to 2e-4 on peaked rows).
+ROW_SUM_TOLERANCE = 1e-2
+# A float16 row must sum to 1 within this. Dividing a row by a sum this close to 1 moves every value
+# by less than half the gap to its fp16 neighbour (>= 2**-12 of the value), with 2**-16 to spare for
+# float32 rounding, so a decoded row re-encodes to the very same fp16 values.
+FP16_SUM_TOLERANCE = 2.0**-12 - 2.0**-16
+_FP16_SMALLEST = 2.0**-24  # smallest positive (subnormal) float16
+# Repair jumps the encoder may make on one row; two suffice (a coarse one, then a fine one).
+_FIXUP_MAX_JUMPS = 8
 
 
 @dataclass(frozen=True)
@@ -146,3 +166,109 @@ def normalised(dist: SparseDist) -> SparseDist:
     """Rows divided by their sums (a row of float16-rounded weights becomes a distribution)."""
     total = dist.probs.float().sum(dim=1, keepdim=True).clamp_min(1e-30)
     return SparseDist(dist.indices, dist.probs.float() / total, dist.vocab_size)
+
+
+def is_dense(dist: SparseDist) -> bool:
+    """True when ``dist`` lists every token in order (the dense baseline of :func:`dense`)."""
+    if dist.width != dist.vocab_size or dist.num_positions == 0:
+        return False
+    return bool((dist.indices == torch.arange(dist.vocab_size)).all())
+
+
+def quantise_fp16(dist: SparseDist) -> SparseDist:
+    """``dist`` exactly as a receiver decodes it from the float16 wire: sample from this, send it.
+
+    Each row is rounded to float16 (repaired to sum to 1 within ``FP16_SUM_TOLERANCE``) and divided
+    by its exact sum; its positive entries come first, sorted by token id, and zero entries become
+    padding (index 0, probability 0). A dense ``dist`` travels in float32 and keeps its values.
+    Idempotent: ``quantise_fp16(quantise_fp16(d))`` equals ``quantise_fp16(d)`` bit for bit.
+
+    Args:
+        dist: ``n`` rows of probabilities over ``dist.vocab_size`` tokens.
+    Returns:
+        A :class:`SparseDist` of the same shape, int64 indices, float32 probabilities.
+    Raises:
+        ValueError: a row is not a distribution (non-finite, negative, or not summing to 1 within
+            ``ROW_SUM_TOLERANCE``).
+    """
+    probs = check_rows(dist.probs.detach().cpu().double(), "q", ROW_SUM_TOLERANCE)  # [n, k]
+    if is_dense(dist):
+        return dense(dist.probs.detach().cpu())
+    h16 = round_fp16(probs / probs.sum(dim=1, keepdim=True))  # exact ratio, then rounded
+    indices, h16 = positive_first(dist.indices.detach().cpu().long(), h16, dist.vocab_size)
+    return SparseDist(indices, renormalise_fp16(h16, h16.double().sum(dim=1, keepdim=True)), dist.vocab_size)
+
+
+def check_rows(probs: torch.Tensor, label: str, tolerance: float) -> torch.Tensor:
+    """Rejects rows that are not distributions: ``[n, k]`` float64 -> itself, negative zeros cleared.
+
+    Raises:
+        ValueError: naming ``label`` and the offending row.
+    """
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError(f"{label}: probabilities must be finite (found NaN or inf)")
+    if bool((probs < 0).any()):
+        raise ValueError(f"{label}: probabilities must be >= 0, found {float(probs.min())}")
+    sums = probs.sum(dim=1)
+    bad = (sums - 1).abs() > tolerance
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise ValueError(f"{label}: row {row} sums to {float(sums[row])!r}, not 1 within {tolerance}")
+    return probs.clamp_min(0.0)  # -0.0 -> 0.0 keeps fp16 bit patterns canonical
+
+
+def positive_first(indices: torch.Tensor, values: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[n, k]`` reordered: positive entries first, by token id; the rest zeroed padding."""
+    keep = values > 0  # [n, k]
+    order = torch.sort(torch.where(keep, indices, vocab_size), dim=1, stable=True).indices
+    keep = keep.gather(1, order)
+    indices = torch.where(keep, indices.gather(1, order), 0)
+    return indices, torch.where(keep, values.gather(1, order), torch.zeros((), dtype=values.dtype))
+
+
+def renormalise_fp16(h16: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """Receiver's arithmetic: fp16 values divided by their row's exact float64 ``sums`` -> float32.
+
+    ``h16`` is any shape and ``sums`` broadcasts to it; sender and receiver both call this, so their
+    float32 values agree bit for bit.
+    """
+    return (h16.double() / sums).float()
+
+
+def round_fp16(probs: torch.Tensor) -> torch.Tensor:
+    """Sender side: rows ``[n, k]`` float64 summing to 1 -> fp16 rows the receiver accepts.
+
+    Round to nearest can leave a row up to 2**-11 off, above :data:`FP16_SUM_TOLERANCE`; such a row
+    is repaired by :func:`_fix_row`.
+    """
+    h16 = probs.to(torch.float16)
+    off = (h16.double().sum(dim=1) - 1).abs() > FP16_SUM_TOLERANCE  # [n]
+    for row in off.nonzero().view(-1).tolist():
+        h16[row] = _fix_row(h16[row].clone())
+    return h16
+
+
+def _fix_row(h16: torch.Tensor) -> torch.Tensor:
+    """Moves entries of one fp16 row ``[k]`` (in place) until it sums to 1 within the tolerance.
+
+    Each jump gives one positive entry the whole missing mass (rounded to fp16), choosing, among the
+    entries that would land the row within tolerance, the one changed least relative to its value
+    (else the one that lands closest). Zeros stay zero and positives stay positive, so the support of
+    the distribution is kept; the sender samples from the result, so this costs no exactness.
+    """
+    for _ in range(_FIXUP_MAX_JUMPS):
+        value = h16.double()
+        missing = 1.0 - float(value.sum())
+        if abs(missing) <= FP16_SUM_TOLERANCE:
+            return h16
+        moved = (value + missing).clamp_min(_FP16_SMALLEST).to(torch.float16)  # [k]
+        change = moved.double() - value
+        landing = (missing - change).abs()
+        relative = change.abs() / value.clamp_min(_FP16_SMALLEST)
+        never = torch.full_like(value, math.inf)
+        landing = torch.where(value > 0, landing, never)
+        lands = landing <= FP16_SUM_TOLERANCE
+        j = int(torch.where(lands, relative, never).argmin()) if bool(lands.any()) else int(landing.argmin())
+        h16[j] = moved[j]
+    raise ValueError(f"cannot round a row summing to {float(h16.double().sum())!r} to float16 "
+                     f"within {FP16_SUM_TOLERANCE} of 1")

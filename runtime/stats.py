@@ -21,6 +21,7 @@ class RoundRecord:
     committed: int
     wall_ms: float
     stage_ms: tuple[float, ...] = ()
+    draft_ms: float = 0.0  # the draft's compute for this round's proposal (speculation done earlier not included)
 
 
 @dataclass
@@ -39,6 +40,8 @@ class SessionStats:
         records: every round.
         draft_counters: the draft's work: ``forwards`` (depths computed, speculative included),
             ``speculated`` (computed ahead of a verdict), ``reused`` (speculative depths proposed).
+        recoveries: what failed and how the session went on (a replaced stage, a draft lost and back).
+        link_delay_ms / codec_ms: modelled link delay and encode/decode time of this session's messages.
     """
 
     prompt_tokens: int = 0
@@ -54,6 +57,9 @@ class SessionStats:
     bytes_between_stages: int = 0
     records: list[RoundRecord] = field(default_factory=list)
     draft_counters: dict[str, int] = field(default_factory=dict)
+    recoveries: list[str] = field(default_factory=list)
+    link_delay_ms: float = 0.0
+    codec_ms: float = 0.0
 
     def add_round(self, record: RoundRecord, accepted_mask: list[bool]) -> None:
         self.rounds += 1
@@ -108,6 +114,12 @@ class SessionStats:
         return out
 
     @property
+    def speculation_hit_rate(self) -> float:
+        """Share of proposals that reused depths drafted ahead, during the previous verification."""
+        c = self.draft_counters
+        return c.get("proposals_hit", 0) / c["proposals"] if c.get("proposals") else 0.0
+
+    @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.wall_s if self.wall_s else 0.0
 
@@ -132,6 +144,25 @@ class SessionStats:
     def bytes_down_per_token(self) -> float:
         return self.bytes_down / self.generated_tokens if self.generated_tokens else 0.0
 
+    def profile(self) -> dict[str, float]:
+        """Where the rounds' time went (milliseconds, summed over rounds) and the limit they allow.
+
+        ``draft`` is the draft's compute on the critical path (what each proposal waited for; work
+        speculated during the previous verification is off it), ``stages`` the target's compute,
+        ``links`` the modelled link delay, ``codec`` encoding and decoding, ``rest`` everything else
+        (Ray, the driver, Python, thread hand-offs). ``limit`` = draft + stages + links: the round
+        time the measured compute and links allow, with no overhead; ``efficiency`` = limit / wall.
+        """
+        wall = sum(r.wall_ms for r in self.records)
+        draft = sum(r.draft_ms for r in self.records)
+        stages = sum(sum(r.stage_ms) for r in self.records)
+        limit = draft + stages + self.link_delay_ms
+        return {
+            "wall": wall, "draft": draft, "stages": stages, "links": self.link_delay_ms,
+            "codec": self.codec_ms, "rest": wall - limit - self.codec_ms, "limit": limit,
+            "efficiency": limit / wall if wall else 0.0,
+        }
+
     def summary(self) -> dict:
         """The headline figures, for printing and JSON."""
         return {
@@ -147,4 +178,6 @@ class SessionStats:
             "bytes_down_per_token": round(self.bytes_down_per_token, 1),
             "draft_work_used": round(self.draft_work_used, 3),
             "busy_fraction": {k: round(v, 3) for k, v in self.busy_fraction().items()},
+            "speculation_hit_rate": round(self.speculation_hit_rate, 3),
+            "profile_ms": {k: round(v, 3) for k, v in self.profile().items()},
         }

@@ -21,13 +21,22 @@ DIRECTIONS = (UPLINK, DOWNLINK)
 
 @dataclass(frozen=True)
 class LinkTraffic:
-    """Bytes and messages counted on one (link, direction)."""
+    """Bytes and messages counted on one (link, direction), and the time they cost there.
+
+    Attributes:
+        delay_ms: modelled link delay the receivers waited (0 on a real network, which delays
+            the messages itself).
+        codec_ms: time spent encoding (sender) and decoding (receiver) the messages.
+    """
 
     bytes: int = 0
     messages: int = 0
+    delay_ms: float = 0.0
+    codec_ms: float = 0.0
 
     def __add__(self, other: "LinkTraffic") -> "LinkTraffic":
-        return LinkTraffic(self.bytes + other.bytes, self.messages + other.messages)
+        return LinkTraffic(self.bytes + other.bytes, self.messages + other.messages,
+                           self.delay_ms + other.delay_ms, self.codec_ms + other.codec_ms)
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,8 @@ class TrafficSnapshot:
 
     def as_rows(self) -> list[dict]:
         """Plain rows ``{link, direction, bytes, messages}``, sorted, for JSON and tables."""
-        return [{"link": link, "direction": way, "bytes": t.bytes, "messages": t.messages}
+        return [{"link": link, "direction": way, "bytes": t.bytes, "messages": t.messages,
+                 "delay_ms": round(t.delay_ms, 3), "codec_ms": round(t.codec_ms, 3)}
                 for (link, way), t in sorted(self.counts.items())]
 
 
@@ -84,9 +94,10 @@ class TrafficMeter:
         # The same counts split by session, so concurrent sessions each see their own bytes.
         self._by_session: dict[str, dict[tuple[str, str], LinkTraffic]] = {}
 
-    def record(self, link: str, direction: str, nbytes: int, session: str | None = None) -> None:
+    def record(self, link: str, direction: str, nbytes: int, session: str | None = None,
+               delay_ms: float = 0.0, codec_ms: float = 0.0) -> None:
         """Counts one message of ``nbytes`` bytes sent on ``link`` in ``direction`` (for
-        ``session`` too, when given).
+        ``session`` too, when given), with the link delay and codec time it cost.
 
         Raises:
             ValueError: unknown direction, empty link name or negative size.
@@ -97,12 +108,22 @@ class TrafficMeter:
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         key = (link, direction)
-        one = LinkTraffic(int(nbytes), 1)
+        one = LinkTraffic(int(nbytes), 1, float(delay_ms), float(codec_ms))
         with self._lock:
             self._counts[key] = self._counts.get(key, LinkTraffic()) + one
             if session is not None:
                 counts = self._by_session.setdefault(session, {})
                 counts[key] = counts.get(key, LinkTraffic()) + one
+
+    def add_codec_time(self, link: str, direction: str, codec_ms: float, session: str | None = None) -> None:
+        """Adds a sender's encoding time to ``link`` (no message counted: the receiver counts it)."""
+        key = (link, direction)
+        extra = LinkTraffic(0, 0, 0.0, float(codec_ms))
+        with self._lock:
+            self._counts[key] = self._counts.get(key, LinkTraffic()) + extra
+            if session is not None:
+                counts = self._by_session.setdefault(session, {})
+                counts[key] = counts.get(key, LinkTraffic()) + extra
 
     def snapshot(self, session: str | None = None) -> TrafficSnapshot:
         """An immutable copy of the counts so far (of one session's messages, when given)."""

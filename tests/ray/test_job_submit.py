@@ -137,7 +137,7 @@ def head(ray_auth_env, model_cache, tmp_path):
         url = f"http://127.0.0.1:{ports['--dashboard-port']}"
         why = _wait_for_dashboard(proc, url, log)
         if why is not None:
-            pytest.skip(f"the Ray dashboard / job server cannot start here: {why}")
+            pytest.fail(f"the Ray dashboard / job server did not start: {why}")
         yield url, env
     finally:
         left = _stop(proc)

@@ -1,26 +1,55 @@
-"""Real hosts on one machine (network namespaces): reachability, tbf shaping, partitions, teardown."""
+"""`specmesh emulate` without Ray (``up --no-ray``): real TCP between the hosts, no route out, tc shaping
+as the topology says, both kinds of partition and heal, and ``down`` after a crash (no state file)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from specmesh.cluster import netns
-from specmesh.cluster.netns import NetnsHosts
-from specmesh.cluster.topology import load_topology
+from specmesh.cluster import emulate, emulate_ops, netns
 
 pytestmark = pytest.mark.netns
 
+PREFIX = f"smxn{os.getpid() % 100000}-"  # this test's own: never another session's namespaces
 PORT = 7700
-SERVER_LIFETIME_S = 120  # the echo servers exit by themselves after this, teardown or not
+SERVER_LIFETIME_S = 120  # the echo servers exit by themselves after this, down or not
 MB = 1_000_000
-SHAPED_MBPS = 10  # 1 MB at 10 Mbit/s: 0.8 s
+CLI = [sys.executable, "-m", "specmesh.cluster.emulate_cli"]
 
-# Read until EOF, reply with the sha256 of what came (so a reply costs the reverse direction nothing),
-# one connection at a time, until the deadline.
+# device -> edges at 10 Mbit/s (one tbf); edge1 -> edge2 at 20 Mbit/s, -> device at 1000 (htb per peer).
+TOPOLOGY = """
+[models]
+target = "tiny"
+[default_link]
+bandwidth_mbps = 1000
+[[nodes]]
+name = "device"
+role = "device"
+[[nodes]]
+name = "edge1"
+role = "edge"
+[[nodes]]
+name = "edge2"
+role = "edge"
+[[links]]
+a = "device"
+b = "edge1"
+up_mbps = 10
+[[links]]
+a = "device"
+b = "edge2"
+up_mbps = 10
+[[links]]
+a = "edge1"
+b = "edge2"
+bandwidth_mbps = 20
+"""
+
+# Read until EOF, reply with the sha256 of what came, one connection at a time, until the deadline.
 SERVER = """
 import hashlib, socket, sys, time
 host, port, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
@@ -44,7 +73,6 @@ CLIENT = """
 import hashlib, json, socket, sys, time
 host, port, nbytes, timeout, tries = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 payload = bytes(i % 251 for i in range(nbytes))
-sock = None
 for _ in range(tries):
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -54,136 +82,135 @@ for _ in range(tries):
     except OSError as exc:
         print(json.dumps({"ok": False, "error": repr(exc)}))
         sys.exit(0)
-if sock is None:
+else:
     print(json.dumps({"ok": False, "error": "refused"}))
     sys.exit(0)
 start = time.monotonic()
 sock.settimeout(30)
-sock.sendall(payload)
-sock.shutdown(socket.SHUT_WR)
-echo = bytearray()
-while chunk := sock.recv(65536):
-    echo += chunk
-ok = echo.decode() == hashlib.sha256(payload).hexdigest()
-print(json.dumps({"ok": ok, "seconds": time.monotonic() - start}))
+try:
+    sock.sendall(payload)
+    sock.shutdown(socket.SHUT_WR)
+    echo = bytearray()
+    while chunk := sock.recv(65536):
+        echo += chunk
+except OSError as exc:
+    print(json.dumps({"ok": False, "error": repr(exc)}))
+    sys.exit(0)
+print(json.dumps({"ok": echo.decode() == hashlib.sha256(payload).hexdigest(), "seconds": time.monotonic() - start}))
 """
 
-TOPOLOGY = """
-[models]
-target = "tiny"
 
-[[nodes]]
-name = "device"
-role = "device"
-
-[[nodes]]
-name = "edge1"
-role = "edge"
-
-[[links]]
-a = "device"
-b = "edge1"
-up_mbps = 10
-down_mbps = 1000
-"""
+def root_network() -> tuple[str, str, str]:
+    """The root namespace's interfaces, routes and qdiscs: what emulate must never change."""
+    names = [line.split(":")[1].split("@")[0].strip() for line in netns.ip("-o", "link").stdout.splitlines()]
+    return (" ".join(sorted(names)), netns.ip("route").stdout, netns.run(["tc", "qdisc", "show"]).stdout)
 
 
 @pytest.fixture(scope="module")
-def net():
-    reason = netns.unavailable_reason()
+def net(tmp_path_factory):
+    reason = netns.unavailable_reason(f"{PREFIX}probe")
     if reason:
         pytest.skip(reason)
-    with NetnsHosts(["device", "edge1"]) as hosts:
-        for name in hosts.hosts:
-            hosts.spawn(name, [sys.executable, "-c", SERVER, hosts.address(name), str(PORT),
-                               str(SERVER_LIFETIME_S)])
-        yield hosts
-
-
-def transfer(net: NetnsHosts, src: str, dst: str, nbytes: int, *, timeout: float = 5.0, tries: int = 50) -> dict:
-    """Send ``nbytes`` from host ``src`` to the echo server on ``dst``; the client's JSON report."""
-    result = net.run(src, [sys.executable, "-c", CLIENT, net.address(dst), str(PORT), str(nbytes),
-                           str(timeout), str(tries)], timeout=60)
-    return json.loads(result.stdout)
-
-
-def test_hosts_reach_each_other_over_tcp(net):
-    assert net.address("device") != net.address("edge1")
-    assert net.address("device").startswith("10.213.0.")
-    assert transfer(net, "device", "edge1", 1000)["ok"]
-    assert transfer(net, "edge1", "device", 1000)["ok"]
-    found = net.run("device", ["sh", "-c", "command -v python"], timeout=10, env=netns.venv_env())
-    assert found.stdout.strip() == str(Path(sys.executable).parent / "python")
-
-
-def test_tbf_shaping_slows_a_transfer(net):
-    fast = transfer(net, "device", "edge1", MB)
-    net.shape("device", SHAPED_MBPS)
+    topology = tmp_path_factory.mktemp("topo") / "three.toml"
+    topology.write_text(TOPOLOGY)
+    before = root_network()
     try:
-        slow = transfer(net, "device", "edge1", MB)
+        state = emulate.up(topology, prefix=PREFIX, ray=False)
+        for host in state["hosts"]:
+            subprocess.Popen(netns.exec_argv(host["netns"], [sys.executable, "-c", SERVER, host["address"],
+                                                              str(PORT), str(SERVER_LIFETIME_S)]))
+        yield state
     finally:
-        net.unshape("device")
-    again = transfer(net, "device", "edge1", MB)
-    modelled = MB * 8 / (SHAPED_MBPS * 1e6)
-    assert fast["ok"] and slow["ok"] and again["ok"]
-    assert slow["seconds"] >= 0.8 * modelled, (fast, slow)
-    assert slow["seconds"] > 4 * fast["seconds"] and slow["seconds"] > 4 * again["seconds"], (fast, slow, again)
+        emulate.down(PREFIX)
+        assert not [n for n in netns.netns_list() if n.startswith(PREFIX)]
+        assert root_network() == before
 
 
-def test_shape_links_follows_the_topology_per_direction(net):
-    topo = load_topology(TOPOLOGY)
-    net.shape_links(topo)
+def transfer(state: dict, src: str, dst: str, nbytes: int, *, timeout: float = 5.0, tries: int = 50) -> dict:
+    """Send ``nbytes`` from host ``src`` to the echo server on ``dst`` (an address or a host name)."""
+    addr = next((h["address"] for h in state["hosts"] if h["name"] == dst), dst)
+    argv, env = emulate_ops.exec_command(state, src, [sys.executable, "-c", CLIENT, addr, str(PORT),
+                                                      str(nbytes), str(timeout), str(tries)])
+    return json.loads(subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60).stdout)
+
+
+def test_hosts_reach_each_other_over_tcp_and_nothing_outside(net):
+    addresses = {h["name"]: h["address"] for h in net["hosts"]}
+    assert addresses == {"device": "10.213.0.1", "edge1": "10.213.0.2", "edge2": "10.213.0.3",
+                         "client": "10.213.0.4"}
+    for src, dst in (("device", "edge1"), ("edge2", "device"), ("client", "device"), ("edge1", "edge2")):
+        assert transfer(net, src, dst, 1000)["ok"], (src, dst)
+    outside = transfer(net, "device", "10.214.0.1", 1000, tries=1)
+    assert not outside["ok"] and "Network is unreachable" in outside["error"], outside
+    argv, env = emulate_ops.exec_command(net, "device", ["sh", "-c", "command -v python; echo $RAY_ADDRESS"])
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=10).stdout.split()
+    assert out == [os.path.join(os.path.dirname(sys.executable), "python"), "10.213.0.1:6379"]
+
+
+def test_shaping_follows_the_topology_per_direction(net):
+    up = transfer(net, "device", "edge1", MB)  # 10 Mbit/s: 0.8 s
+    side = transfer(net, "edge1", "edge2", 2 * MB)  # 20 Mbit/s: 0.8 s
+    back = transfer(net, "edge1", "device", 2 * MB)  # 1000 Mbit/s: 16 ms
+    assert up["ok"] and side["ok"] and back["ok"]
+    assert up["seconds"] >= 0.8 * MB * 8 / 10e6, (up, back)
+    assert side["seconds"] >= 0.8 * 2 * MB * 8 / 20e6, (side, back)
+    assert back["seconds"] < min(up["seconds"], side["seconds"]) / 4, (up, side, back)
+
+
+def test_a_host_partition_cuts_it_off_and_heal_restores_it(net):
+    emulate_ops.partition(net, "edge1")
     try:
-        up = transfer(net, "device", "edge1", MB)  # device -> edge1 at 10 Mbit/s
-        down = transfer(net, "edge1", "device", MB)  # edge1 -> device at 1000 Mbit/s
-    finally:
-        net.unshape("device")
-        net.unshape("edge1")
-    assert up["ok"] and down["ok"]
-    assert up["seconds"] >= 0.8 * MB * 8 / (SHAPED_MBPS * 1e6), (up, down)
-    assert down["seconds"] < up["seconds"] / 4, (up, down)
-
-
-def test_link_down_partitions_and_link_up_heals(net):
-    assert transfer(net, "device", "edge1", 1000)["ok"]
-    net.link_down("edge1")
-    try:
+        assert emulate_ops.status(net)[1]["link_up"] is False
         start = time.monotonic()
         cut = transfer(net, "device", "edge1", 1000, timeout=1.0, tries=1)
         assert not cut["ok"] and time.monotonic() - start < 30, cut
+        assert transfer(net, "device", "edge2", 1000)["ok"]
     finally:
-        net.link_up("edge1")
-    assert transfer(net, "device", "edge1", 1000, timeout=5.0)["ok"]
+        assert emulate_ops.heal(net) == ["edge1: veth up"]
+    assert transfer(net, "device", "edge1", 1000)["ok"]
+    assert emulate_ops.heal(net) == []
 
 
-def test_shape_rejects_bad_rates(net):
-    with pytest.raises(ValueError, match="rate_mbps = 0"):
-        net.shape("device", 0)
-    with pytest.raises(ValueError, match="host = 'nowhere'"):
-        net.shape("nowhere", 1)
+def test_a_pair_partition_cuts_only_that_link(net):
+    emulate_ops.partition(net, "device", "edge1")
+    try:
+        assert not transfer(net, "device", "edge1", 1000, timeout=1.0, tries=1)["ok"]
+        assert not transfer(net, "edge1", "device", 1000, timeout=1.0, tries=1)["ok"]
+        assert transfer(net, "edge1", "edge2", 1000)["ok"] and transfer(net, "device", "edge2", 1000)["ok"]
+        assert [r["blackholed"] for r in emulate_ops.status(net)] == [["10.213.0.2"], ["10.213.0.1"], [], []]
+    finally:
+        emulate_ops.heal(net)
+    assert transfer(net, "device", "edge1", 1000)["ok"] and transfer(net, "edge1", "device", 1000)["ok"]
+    with pytest.raises(emulate.EmulateError, match="name two different hosts"):
+        emulate_ops.partition(net, "edge1", "edge1")
+    with pytest.raises(emulate.EmulateError, match="node = 'edge7': no such host"):
+        emulate_ops.partition(net, "edge7")
 
 
-def test_teardown_kills_every_process_and_deletes_the_namespaces():
-    reason = netns.unavailable_reason()
+def test_a_second_up_with_the_same_prefix_is_refused(net, tmp_path):
+    (tmp_path / "t.toml").write_text(TOPOLOGY)
+    with pytest.raises(emulate.EmulateError, match=f"an emulation with prefix '{PREFIX}' is up"):
+        emulate.up(tmp_path / "t.toml", prefix=PREFIX, ray=False)
+
+
+def test_down_after_a_crash_works_from_the_prefix_alone(tmp_path):
+    prefix = f"smxc{os.getpid() % 100000}-"
+    reason = netns.unavailable_reason(f"{prefix}probe")
     if reason:
         pytest.skip(reason)
-    hosts = NetnsHosts(["a", "b"]).start()
-    ours = [hosts.bridge_netns, *(h.netns for h in hosts.hosts.values())]
-    assert set(ours) <= set(netns.netns_list())
-    tracked = hosts.spawn("a", ["sleep", "300"])
-    # A daemon that teardown does not know of, as `ray start` leaves behind: found by `ip netns pids`.
-    daemon_pid = int(hosts.run("b", ["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"], timeout=10).stdout)
-    assert netns._pids(hosts.hosts["b"].netns) == [daemon_pid]
-    hosts.teardown()
-    assert tracked.poll() is not None
-    assert not _alive(daemon_pid)
-    assert not [name for name in netns.netns_list() if name.startswith(hosts.prefix)]
-    hosts.teardown()  # idempotent
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"  # a zombie is dead, only not reaped yet
-    except FileNotFoundError:
-        return False
+    (tmp_path / "t.toml").write_text(TOPOLOGY)
+    before = root_network()
+    state = emulate.up(tmp_path / "t.toml", prefix=prefix, ray=False)
+    ours = [state["bridge_netns"], *(h["netns"] for h in state["hosts"])]
+    argv, env = emulate_ops.exec_command(state, "edge2", ["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"])
+    daemon = int(subprocess.run(argv, env=env, capture_output=True, text=True, timeout=10).stdout)
+    assert netns.pids(state["hosts"][2]["netns"]) == [daemon]
+    (emulate.state_dir(prefix) / emulate.STATE_FILE).unlink()  # as if `up`'s process had died
+    result = subprocess.run([*CLI, "down", "--prefix", prefix], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "5 namespace(s) deleted, 1 process(es) ended" in result.stdout, result
+    assert not netns.alive(daemon) and not set(ours) & set(netns.netns_list())
+    assert not emulate.state_dir(prefix).exists() and root_network() == before
+    again = subprocess.run([*CLI, "down", "--prefix", prefix], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "0 namespace(s) deleted" in again.stdout
+    missing = subprocess.run([*CLI, "status", "--prefix", prefix], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and f"no emulation with prefix '{prefix}' is up" in missing.stderr

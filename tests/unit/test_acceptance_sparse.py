@@ -3,7 +3,7 @@
 One drafted position per round (gamma = 1) so that the first committed token of a round must be
 distributed exactly as p. Every round's draws come from ``generator_for(seed, stream, round)``, the
 same for the sparse and the dense pipeline. q goes through the real codec: the draft samples from
-``quantise_sparse(q)`` and the verifier uses the q decoded from the frame.
+``quantise_fp16(q)`` and the verifier uses the q decoded from the frame.
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from specmesh.runtime.codec import decode, encode, quantise_sparse
+from specmesh.runtime.codec import decode, encode
 from specmesh.runtime.messages import DraftProposal
 from specmesh.runtime.sampling import STREAM_DRAFT, STREAM_VERIFY, generator_for
-from specmesh.runtime.sparse import SparseDist, dense, top_k
+from specmesh.runtime.sparse import SparseDist, dense, quantise_fp16, top_k
 from specmesh.runtime.verify import verify_exact
 
 VOCAB = 32
@@ -83,8 +83,8 @@ def chi_square_exceeds(counts: torch.Tensor, p: torch.Tensor) -> tuple[bool, flo
 def outcomes():
     torch.set_num_threads(1)
     p, q = distributions()
-    q_sparse = quantise_sparse(top_k(q.view(1, -1), TOP_K))  # what the draft samples from
-    q_dense = quantise_sparse(dense(q.view(1, -1)))
+    q_sparse = quantise_fp16(top_k(q.view(1, -1), TOP_K))  # what the draft samples from
+    q_dense = quantise_fp16(dense(q.view(1, -1)))
     received_sparse, received_dense = over_the_wire(q_sparse), over_the_wire(q_dense)
     assert torch.equal(received_sparse.probs, q_sparse.probs)  # the verifier sees what was sampled
     assert torch.equal(received_dense.probs, q_dense.probs)
@@ -95,7 +95,7 @@ def outcomes():
         "expected_dense": float(torch.minimum(p, received_dense.to_dense()[0]).sum()),
         "sparse": run(q_sparse, received_sparse, p),
         "dense": run(q_dense, received_dense, p),
-        "q_top2": quantise_sparse(top_k(q.view(1, -1), 2)),
+        "q_top2": quantise_fp16(top_k(q.view(1, -1), 2)),
         "q_dense": received_dense,
     }
 

@@ -10,9 +10,9 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from specmesh.benchmarks import humaneval_eval, report, suite
+from specmesh.benchmarks import humaneval_eval, options, plots, report, suite
 from specmesh.benchmarks.prompts import humaneval_problem
-from specmesh.benchmarks.runner import topology_toml
+from specmesh.benchmarks.scenarios import SCENARIO_FUNCS
 from specmesh.cluster.topology import load_topology, single_machine
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -28,8 +28,7 @@ def _no_nan(token):
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
     cache = str(tmp_path_factory.mktemp("models"))
-    options = suite.BenchOptions(out=out, quick=True, cache_dir=cache)
-    suite.run_bench(options, Console(file=io.StringIO()))
+    suite.run_bench(options.BenchOptions(out=out, quick=True, cache_dir=cache), Console(file=io.StringIO()))
     data = json.loads((out / "results.json").read_text(), parse_constant=_no_nan)
     return out, data
 
@@ -42,16 +41,23 @@ def test_results_json_has_every_figure_and_its_context(bench):
     assert {"platform", "cpu_count", "loadavg_start", "loadavg_end"} <= set(data["machine"])
     assert {"torch", "transformers", "ray", "specmesh"} <= set(data["versions"])
     assert data["command"].startswith("specmesh bench") and "--quick" in data["command"]
-    assert set(data["scenarios"]) == set(suite.SCENARIOS)
-    for name, section in data["scenarios"].items():
-        assert section["elapsed_s"] > 0, name
-    grid = suite.GRIDS[("tiny", True)]
+    assert list(data["scenarios"]) == list(options.SCENARIOS)  # every scenario, in the documented order
+    sections = data["scenarios"]
+    for name, section in sections.items():  # a scenario takes at least as long as the runs it timed
+        timed = sum(r["wall_s"] for p in section.get("points", [section]) for r in p.get("runs", []))
+        assert section["elapsed_s"] >= timed, name
+        assert (timed > 0) == (name != "quality"), name  # tiny models have no tokenizer: quality is skipped
+    assert data["elapsed_s"] >= sum(s["elapsed_s"] for s in sections.values())
+    grid = options.GRIDS[("tiny", True)]
     points = data["scenarios"]["latency"]["points"]
     assert [(p["num_stages"], p["latency_ms"]) for p in points] == [
         (n, lat) for n in grid.stage_counts for lat in grid.latencies_ms]
-    for p in points:
-        assert p["links"] and p["config"]["seed"] == data["seed"]
-        assert load_topology(p["topology_file"]).num_stages == p["num_stages"]
+    models = data["models"]
+    for p in points:  # the file each engine was built from is exactly the layout the point claims
+        assert load_topology(p["topology_file"]) == single_machine(
+            p["num_stages"], p["latency_ms"], math.inf, models["draft"], models["target"])
+        assert p["links"] == load_topology(p["topology_file"]).describe_links()
+        assert p["config"]["seed"] == data["seed"] and p["config"]["topology"] == p["topology_file"]
 
 
 def test_raw_runs_are_consistent(bench):
@@ -67,7 +73,9 @@ def test_raw_runs_are_consistent(bench):
     for section in [*sections, {"runs": hf_runs}]:
         for r in section["runs"]:
             assert r["tokens"] == len(r["output_ids"]) > 0
-            assert r["wall_s"] > 0 and r["rounds"] >= 1
+            assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["wall_s"], rel=1e-12)
+            # a round commits its accepted tokens plus one (fewer only where the generation stops)
+            assert r["rounds"] <= r["tokens"] <= r["accepted"] + r["rounds"]
             if r["variant"] == "target-only":
                 assert r["drafted"] == 0 and r["rounds"] == r["tokens"]
             else:
@@ -135,12 +143,14 @@ def test_markdown_mentions_every_scenario(bench):
     out, data = bench
     text = (out / "report.md").read_text()
     assert f"`{data['command']}`" in text
-    for name in suite.SCENARIOS:
-        assert f"## {name}:" in text, name
+    headings = [line.split(":")[0].removeprefix("## ") for line in text.splitlines() if line.startswith("## ")]
+    assert headings == list(options.SCENARIOS)
     assert "Skipped:" in text and "Harness self-check" in text  # quality on tokenizer-less tiny models
     for name in PLOTTED:
-        assert f"]({name}.png)" in text
-    assert math.isfinite(data["elapsed_s"]) and "total run time" in text
+        assert f"![{name}]({name}.png)" in text
+    assert f"total run time {report._seconds(data['elapsed_s'])}" in text
+    speedup = data["scenarios"]["latency"]["points"][0]["summary"]["specmesh"]["speedup"]
+    assert report.fmt(speedup, ".2f", "x") in text  # the latency table shows the measured speedup
 
 
 @pytest.mark.parametrize("name", PLOTTED)
@@ -167,11 +177,9 @@ def test_humaneval_harness_runs_in_a_subprocess_with_a_timeout(bench):
                                      humaneval_eval.CheckResult("b", False, "failed")]) == 0.5
 
 
-def test_topology_file_round_trips():
-    topo = single_machine(3, 20.0, math.inf, "tiny-draft", "tiny")
-    back = load_topology(topology_toml(topo))
-    assert (back.stages, back.default_link, back.models, back.nodes) == (
-        topo.stages, topo.default_link, topo.models, topo.nodes)
+def test_every_scenario_has_a_function_and_a_report_section():
+    assert list(SCENARIO_FUNCS) == list(options.SCENARIOS)
+    assert list(report.SECTIONS) == list(options.SCENARIOS)
 
 
 @pytest.mark.parametrize("kw, word", [({"scenarios": ("nope",)}, "scenario"), ({"models": "huge"}, "models"),
@@ -179,7 +187,7 @@ def test_topology_file_round_trips():
                                       ({"dtype": "int8"}, "dtype")])
 def test_options_name_the_bad_value(kw, word):
     with pytest.raises(ValueError, match=word):
-        suite.BenchOptions(**kw)
+        options.BenchOptions(**kw)
 
 
 def test_cli_bench_help_teaches_and_rejects_bad_input():
@@ -188,10 +196,10 @@ def test_cli_bench_help_teaches_and_rejects_bad_input():
     runner = CliRunner()
     helped = runner.invoke(app, ["bench", "--help"])
     assert helped.exit_code == 0
-    for name in suite.SCENARIOS:
+    for name in options.SCENARIOS:
         assert name in helped.output
     bad = runner.invoke(app, ["bench", "--scenario", "nope"])
-    assert bad.exit_code != 0
+    assert bad.exit_code == 2 and "nope" in bad.output  # a usage error naming the value
 
 
 def test_a_run_cut_short_keeps_its_finished_measurements(tmp_path, monkeypatch):
@@ -201,7 +209,7 @@ def test_a_run_cut_short_keeps_its_finished_measurements(tmp_path, monkeypatch):
 
     monkeypatch.setitem(suite.SCENARIO_FUNCS, "gamma", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        suite.run_bench(suite.BenchOptions(out=tmp_path, scenarios=("gamma",)), Console(file=io.StringIO()))
+        suite.run_bench(options.BenchOptions(out=tmp_path, scenarios=("gamma",)), Console(file=io.StringIO()))
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["in_progress"] == [{"label": "gamma: first point", "runs": [{"tokens": 3, "wall_s": 0.5}]}]
 
@@ -209,4 +217,4 @@ def test_a_run_cut_short_keeps_its_finished_measurements(tmp_path, monkeypatch):
 def test_error_bars_tolerate_a_mean_rounded_past_its_range(tmp_path):
     st = {"mean": 1.0000000000000002, "min": 1.0, "max": 1.0, "values": [1.0, 1.0, 1.0]}
     section = {"points": [{"num_stages": 1, "latency_ms": 0, "summary": {"specmesh": {"speedup": st}}}]}
-    assert report.plot_latency(section, tmp_path / "latency.png").read_bytes().startswith(PNG_MAGIC)
+    assert plots.plot_latency(section, tmp_path / "latency.png").read_bytes().startswith(PNG_MAGIC)

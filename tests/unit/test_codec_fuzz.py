@@ -15,18 +15,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from specmesh.runtime import codec
-from specmesh.runtime.codec import CodecConfig, ProtocolError, WireLimits, decode, encode, quantise_sparse
+from specmesh.runtime.codec import CodecConfig, ProtocolError, WireLimits, decode, encode
 from specmesh.runtime.messages import (
-    Commit,
     DraftProposal,
     ErrorMessage,
     OpenSession,
     SamplingParams,
-    SplitPayload,
     StageFrame,
     VerifyResult,
 )
 from specmesh.runtime.sparse import SparseDist, top_k
+from specmesh.runtime.sparse import quantise_fp16 as quantise_sparse
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 VOCAB = 1000
@@ -56,10 +55,9 @@ def _valid_messages() -> list:
         _proposal(dense=True),
         StageFrame(proposal, torch.randn(6, 8).to(torch.bfloat16), [1.0]),
         VerifyResult("sess", 5, 2, [7, 8, 9], [True, True, False]),
-        SplitPayload("sess", 5, 1, _q().row(0)),
-        Commit("sess", 5, 20),
         ErrorMessage("sess", 5, "bad-frame", "could not decode"),
-        OpenSession("sess", SamplingParams(temperature=0.7)),
+        OpenSession("sess", SamplingParams(temperature=0.7),
+                    {"acceptance": "exact", "sparse_k": 16, "sparse_mass": 0.95, "greedy": False}),
     ]
 
 
@@ -74,7 +72,7 @@ def decode_or_reject(data: bytes, **kwargs) -> None:
     except ProtocolError as exc:
         assert str(exc), "a ProtocolError must say what was wrong"
         return
-    assert type(msg) in codec._ENCODERS
+    assert type(msg) in codec.MESSAGE_TYPES
 
 
 def body(frame: bytes) -> list:
@@ -186,10 +184,10 @@ def test_zstd_bomb_is_refused_before_it_is_inflated():
 
 def test_zstd_without_content_size_or_lying_about_it_is_refused():
     streaming = zstandard.ZstdCompressor(write_content_size=False).compressobj()
-    unsized = streaming.compress(msgpack.packb([7, "s", 1, 1])) + streaming.flush()
+    unsized = streaming.compress(VALID_FRAMES[3][2:]) + streaming.flush()  # a verdict body
     with pytest.raises(ProtocolError, match="content size"):
         decode(bytes([codec.PROTOCOL_VERSION, codec.FLAG_ZSTD]) + unsized)
-    real = msgpack.packb([6, "s", 1, 1, [VOCAB, 1, [1], 10, 0, b"\x01\x00\x00\x00", b"\x00\x3c"]])
+    real = VALID_FRAMES[0][2:]  # a proposal body
     content = real + b"\x00" * 600  # trailing zeros: long enough for a 2-byte size field
     sized = bytearray(zstandard.ZstdCompressor().compress(content))
     descriptor = sized[4]  # after the 4-byte magic number
@@ -200,7 +198,7 @@ def test_zstd_without_content_size_or_lying_about_it_is_refused():
 
 
 def test_wrong_version_unknown_flags_and_unknown_tag():
-    frame = VALID_FRAMES[5]
+    frame = VALID_FRAMES[4]
     with pytest.raises(ProtocolError, match="version"):
         decode(bytes([codec.PROTOCOL_VERSION + 1]) + frame[1:])
     with pytest.raises(ProtocolError, match="flag"):

@@ -1,24 +1,21 @@
-"""Topology files and the link model: examples load, bad files fail naming the key, splits and links."""
+"""Topology files: examples load, bad files fail naming the key, splits, links, written files read back.
+
+The cores each node owns are tested in ``test_cores.py``, the link model in ``test_links.py``."""
 from __future__ import annotations
 
-import asyncio
 import math
 import pickle
 import re
-import time
 
 import pytest
 
-from specmesh.cluster.links import (
-    IDEAL,
-    LinkQueue,
-    LinkSpec,
-    deliver,
-    emulated,
-    sleep_for,
-)
+from specmesh.cluster.links import IDEAL, LinkSpec
 from specmesh.cluster.topology import (
+    Link,
+    Models,
+    Node,
     Topology,
+    dump_topology,
     example_path,
     load_topology,
     single_machine,
@@ -113,6 +110,10 @@ BAD = {
     "misspelt link key": (edit("latency_ms = 20", "lateny_ms = 20"), "links[0].lateny_ms = 20"),
     "unknown top-level key": ("colour = 1\n" + BASE, "colour = 1"),
     "unknown node key": (edit('role = "device"', 'role = "device"\ncpus = 2'), "nodes[0].cpus = 2"),
+    "negative core": (edit('role = "device"', 'role = "device"\ncores = [-1]'), "nodes[0].cores = [-1]"),
+    "repeated core": (edit('name = "edge2"\nrole = "edge"', 'name = "edge2"\nrole = "edge"\ncores = "0-2,1"'),
+                      "nodes[2].cores = '0-2,1'"),
+    "core not an integer": (edit('role = "device"', 'role = "device"\ncores = [0.5]'), "nodes[0].cores = [0.5]"),
     "no device": (edit('role = "device"', 'role = "edge"'), "nodes = []"),
     "two devices": (edit('name = "edge2"\nrole = "edge"', 'name = "edge2"\nrole = "device"'),
                     "nodes = ['device', 'edge2']"),
@@ -245,68 +246,40 @@ def test_topology_constructor_validates_too():
         Topology(nodes=topo.nodes, links=(), models=topo.models, stages=("x",))
 
 
-# ----- the link model -----
-
-def test_delay_formula():
-    link = LinkSpec(latency_ms=20, bandwidth_mbps=10)
-    assert link.delay_s(0) == pytest.approx(0.020)
-    assert link.delay_s(1_000_000) == pytest.approx(0.020 + 0.8)  # 8 Mbit at 10 Mbit/s
-    assert LinkSpec(latency_ms=7).delay_s(10**9) == pytest.approx(0.007)
-    assert IDEAL.delay_s(10**9) == 0 and IDEAL.is_ideal and not link.is_ideal
-    assert link.latency_only() == LinkSpec(20)
-    with pytest.raises(ValueError, match="nbytes = -1"):
-        link.delay_s(-1)
+def test_examples_on_one_machine_own_disjoint_cores():
+    for name in ("one_machine", "tiny"):
+        topo = load_topology(example_path(name))
+        assert topo.cores_for("device") == (0,)
+        assert topo.cores_for("edge1") == topo.cores_for("edge2") == (1,)
+        assert topo.device_cores_disjoint()
+    three = load_topology(example_path("three_nodes"))  # separate machines: no core is named
+    assert [three.cores_for(n.name) for n in three.nodes] == [None, None, None]
+    assert not three.device_cores_disjoint()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"latency_ms": -1}, "latency_ms = -1"),
-    ({"latency_ms": math.inf}, "latency_ms = inf"),
-    ({"bandwidth_mbps": 0}, "bandwidth_mbps = 0"),
-    ({"bandwidth_mbps": math.nan}, "bandwidth_mbps = nan"),
-])
-def test_link_spec_rejects(kwargs, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
-        LinkSpec(**kwargs)
+FULL = Topology(
+    nodes=(Node("device", "device", address="10.0.0.1", resources={"specmesh_device": 1}, cores="0-1"),
+           Node("edge1", "edge", resources={"a b": 0.5}, cores=[2]), Node("edge2", "edge"),
+           Node("client", "client", address="client.example")),
+    links=(Link("device", "edge1", up=LinkSpec(20, 10), down=LinkSpec(30, 50)),
+           Link("edge2", "edge1", up=LinkSpec(1.5, math.inf), down=LinkSpec(0, 1000))),
+    models=Models(target="tiny:layers=4", draft="tiny-draft"), stages=("edge1", "edge2", "edge2"),
+    layers=(2, 1, 1), default_link=LinkSpec(5, math.inf), emulate="latency", name='quotes " and \\ and é',
+)
 
 
-def test_emulated_modes():
-    link = LinkSpec(20, 10)
-    assert emulated(link, "auto", real_network=False) == link
-    assert emulated(link, "auto", real_network=True) == IDEAL
-    assert emulated(link, "on", real_network=True) == link
-    assert emulated(link, "off", real_network=False) == IDEAL
-    assert emulated(link, "latency", real_network=True) == LinkSpec(20)
-    with pytest.raises(ValueError, match="emulate = 'sometimes'"):
-        emulated(link, "sometimes", real_network=False)
+@pytest.mark.parametrize("topo", [FULL, single_machine(3, 20.0, math.inf, None, "tiny"),
+                                  *(load_topology(example_path(n)) for n in ("one_machine", "three_nodes", "tiny"))],
+                         ids=["full", "single_machine", "one_machine", "three_nodes", "tiny"])
+def test_dump_topology_reads_back_equal(topo):
+    text = dump_topology(topo)
+    assert load_topology(text) == topo
+    assert dump_topology(load_topology(text)) == text  # and is a fixed point
 
 
-def test_link_queue_shares_bandwidth_and_overlaps_latency():
-    queue = LinkQueue(LinkSpec(latency_ms=100, bandwidth_mbps=8))  # 1 MB/s: 1000 bytes = 1 ms
-    assert queue.arrival(0.0, 1000) == pytest.approx(0.101)
-    assert queue.arrival(0.0, 1000) == pytest.approx(0.102)  # waits for the first to leave
-    assert queue.arrival(5.0, 1000) == pytest.approx(5.101)  # idle link again
-
-
-def test_sleep_for_and_deliver_take_the_modelled_time():
-    link = LinkSpec(latency_ms=30, bandwidth_mbps=8)  # 10 KB = 10 ms
-    start = time.monotonic()
-    slept = sleep_for(link, 10_000)
-    assert time.monotonic() - start >= 0.040 and slept == pytest.approx(0.040)
-    start = time.monotonic()
-    slept = asyncio.run(deliver(link, 10_000))
-    assert time.monotonic() - start >= 0.040 and slept == pytest.approx(0.040)
-    assert sleep_for(IDEAL, 10**9) == 0.0 and asyncio.run(deliver(IDEAL, 10**9)) == 0.0
-
-
-def test_concurrent_deliveries_share_a_queue():
-    link = LinkSpec(latency_ms=10, bandwidth_mbps=8)  # 20 KB = 20 ms each
-
-    async def two_messages() -> float:
-        queue = LinkQueue(link)
-        start = time.monotonic()
-        await asyncio.gather(deliver(link, 20_000, queue), deliver(link, 20_000, queue))
-        return time.monotonic() - start
-
-    assert asyncio.run(two_messages()) >= 0.050  # 2 x 20 ms transfer + 10 ms latency
-    with pytest.raises(ValueError, match="queue models"):
-        sleep_for(LinkSpec(1), 0, LinkQueue(link))
+def test_dump_topology_keeps_every_direction_of_a_link():
+    back = load_topology(dump_topology(FULL))
+    assert back.link("device", "edge1") == LinkSpec(20, 10) and back.link("edge1", "device") == LinkSpec(30, 50)
+    assert back.link("edge1", "edge2") == LinkSpec(0, 1000) and back.link("edge2", "edge1") == LinkSpec(1.5)
+    assert back.link("device", "edge2") == LinkSpec(5)  # not listed: the default
+    assert back.split_layers(4) == [range(0, 2), range(2, 3), range(3, 4)]

@@ -1,7 +1,8 @@
 """Side-by-side runs: target-only pipelined decoding vs SpecMesh, same engine, same prompts, one run.
 
 Both go through the same workers and the same links; only the draft is switched off for the
-baseline. Ratios are therefore measured, never assumed.
+baseline. Ratios are therefore measured, never assumed. ``specmesh run --compare`` and ``specmesh demo``
+print these summaries (:mod:`specmesh.cluster.report`); the benchmarks build on them.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ class Variant:
 
 
 BASELINE = Variant("target-only", {"draft": None})
+# An untimed generation this long runs every step once (prefill, a round, commit) before the clock starts.
+WARMUP_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ def run_side_by_side(
         warmup: one short untimed generation first (lazy initialisation, caches).
     """
     if warmup and prompts:
-        engine.generate(prompts[0][1], max_new_tokens=4)
+        engine.generate(prompts[0][1], max_new_tokens=WARMUP_TOKENS)
     runs = []
     for pid, prompt in prompts:
         for v in variants:
@@ -87,15 +90,18 @@ class Summary:
 
 
 def summarise(runs: list[Run], baseline: str = BASELINE.label) -> list[Summary]:
-    """Per-variant totals; speedup = variant tokens/s over the baseline's on the same prompts."""
+    """Per-variant totals; speedup = variant tokens/s over the baseline's on the same prompts (a
+    variant run on fewer prompts than the baseline is compared with the baseline on those alone)."""
     by_variant: dict[str, list[Run]] = {}
     for r in runs:
         by_variant.setdefault(r.variant, []).append(r)
-    base_outputs = {r.prompt_id: r.result.output_ids for r in by_variant.get(baseline, [])}
-    base_tps = _tps(by_variant.get(baseline, []))
-    base_decode = _decode_tps(by_variant.get(baseline, []))
+    base_runs = by_variant.get(baseline, [])
+    base_outputs = {r.prompt_id: r.result.output_ids for r in base_runs}
     out = []
     for name, rs in by_variant.items():
+        prompts = {r.prompt_id for r in rs}
+        base = [r for r in base_runs if r.prompt_id in prompts]
+        base_tps, base_decode = _tps(base), _decode_tps(base)
         tokens = sum(r.result.stats.generated_tokens for r in rs)
         rounds = sum(r.result.stats.rounds for r in rs)
         accepted = sum(r.result.stats.accepted for r in rs)
