@@ -148,6 +148,10 @@ class _Base:
                                         (time.perf_counter() - t0) * 1e3, session)
         return data
 
+    def open_sessions(self) -> int:
+        """Sessions this worker holds state for (a finished or cancelled one holds none)."""
+        return len(self.worker.sessions)
+
     def traffic_snapshot(self, session: str | None = None):
         return self.traffic.snapshot(session)
 

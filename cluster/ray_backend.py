@@ -184,7 +184,7 @@ class RemoteCalls:
         try:
             handle = worker.spawn()
             info = ray.get(handle.ready.remote(), timeout=LOAD_TIMEOUT_S)
-        except ray.exceptions.RayError as err:
+        except Exception as err:  # no node to host it, or it died loading: the failure stands
             log.warning("could not replace %s: %s", worker, _reason(err))
             return False
         worker.handle, worker.info = handle, info

@@ -119,14 +119,15 @@ def schema(limits: WireLimits) -> Schema:
         candidates: ids(limits.max_list_len)
         parents: items(Annotated[int, Meta(ge=-1, le=INT64_MAX)])
         prev_path: items(count)
-        draft_ms: non_negative
 
     class Proposal(ProposalHead, tag=int(Tag.PROPOSAL)):
         q: Raw  # a SparseQ, decoded when first read: a middle stage passes it on as it came
+        draft_ms: non_negative
 
     class DenseProposal(ProposalHead, tag=int(Tag.PROPOSAL_DENSE)):
         vocab_size: vocab
         q: Raw  # a dense_q, decoded when first read
+        draft_ms: non_negative
 
     class Tensor(Body):
         dtype: byte

@@ -199,6 +199,8 @@ def test_round_trip_takes_at_least_the_modelled_link_time(local_ray, model_cache
             assert modelled > 3 * LINK_MS / 1e3 * new  # the bandwidth term counts too
             wall = sum(r.wall_ms for r in result.stats.records) / 1e3
             assert wall >= modelled, f"{new} round(s): {wall:.3f} s < modelled {modelled:.3f} s"
+            # Each receiver records the delay it applied: exactly the model, never more or less.
+            assert result.stats.link_delay_ms == pytest.approx(modelled * 1e3, rel=1e-6)
             if new == 1:
                 # Round 1 carries the whole prompt: its hidden states alone take ~10 ms at 2 Mbit/s.
                 assert links["edge1->edge2", UPLINK][0] * 8 / (LINK_MBPS * 1e6) > 5e-3
@@ -243,49 +245,102 @@ def test_bad_messages_are_answered_with_errors_and_the_workers_keep_serving(engi
 
 
 def _engine_pid(engine, role: str) -> int:
-    return next(w["pid"] for w in engine.backend.workers if w["role"] == role)
+    """The current pid of worker ``role`` (it changes when the worker is replaced)."""
+    target = engine.backend.target
+    worker = target.draft if role == "draft" else next(w for w in target.workers if w.role == role)
+    return worker.info["pid"]
 
 
 @pytest.fixture(scope="module")
 def fragile(local_ray, model_cache):
-    """A draft and one stage with a short deadline, for the failure tests below (in file order: a
-    worker is stopped and resumed, then one is killed, which leaves the engine broken)."""
-    with SpecMesh(_config(model_cache, backend="local", num_stages=1, max_new_tokens=16)) as engine:
-        engine.backend.target.calls.timeout_s = DEADLINE_S
+    """A draft and two stages with a short deadline, for the failure tests below."""
+    with SpecMesh(_config(model_cache, backend="local", num_stages=2, max_new_tokens=16,
+                          timeout_s=DEADLINE_S)) as engine:
         yield engine
 
 
-def test_a_stuck_worker_misses_the_deadline_and_the_pipeline_recovers(fragile):
-    reference = fragile.generate(PROMPT).output_ids
-    pid = _engine_pid(fragile, "stage0")
-    rounds = iter(fragile.generation(PROMPT))
-    next(rounds)
-    os.kill(pid, signal.SIGSTOP)
+def _disturbed(engine, role: str, sig: int, after_rounds: int = 2, **kw):
+    """Generates, sending ``sig`` to worker ``role`` after ``after_rounds`` rounds; returns the
+    result and the seconds the disturbed round took."""
+    gen = engine.generation(PROMPT, **kw)
+    rounds = iter(gen)
+    for _ in range(after_rounds):
+        next(rounds)
+    pid = _engine_pid(engine, role)
+    os.kill(pid, sig)
+    t0 = time.monotonic()
     try:
-        t0 = time.monotonic()
-        with pytest.raises(RemoteError, match=rf"round 2 of session \w+: no verdict within "
-                                              rf"{DEADLINE_S:g} s; stage0 \(pid {pid} .*has not answered"):
-            next(rounds)
-        elapsed = time.monotonic() - t0
-        assert DEADLINE_S <= elapsed < DEADLINE_S + GRACE_S  # cleanup did not wait on it again
+        next(rounds)
+        took = time.monotonic() - t0
+        for _ in rounds:
+            pass
     finally:
-        os.kill(pid, signal.SIGCONT)
+        if sig == signal.SIGSTOP:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:  # replaced: the stuck process was killed
+                pass
+    return gen, took, pid
+
+
+def test_a_killed_stage_is_replaced_and_the_seeded_output_is_unchanged(fragile):
+    """Stage 1 dies mid-generation: it is noticed (by name, not blamed on the draft), replaced, its
+    KV cache rebuilt from the committed tokens, and the seeded sampled output is the undisturbed one."""
+    kw = dict(temperature=1.0, seed=4)
+    reference = fragile.generate(PROMPT, **kw)
+    gen, took, pid = _disturbed(fragile, "stage1", signal.SIGKILL, **kw)
+    assert gen.output_ids == reference.output_ids
+    assert len(gen.stats.recoveries) == 1, gen.stats.recoveries
+    assert f"stage1 (pid {pid}" in gen.stats.recoveries[0] and "died" in gen.stats.recoveries[0]
+    assert _engine_pid(fragile, "stage1") != pid
+    assert took < DEADLINE_S + 60  # noticed at once (not at the deadline); the reload is the rest
+    assert fragile.generate(PROMPT, **kw).output_ids == reference.output_ids  # the engine serves on
+
+
+def test_a_stuck_stage_misses_the_deadline_and_is_replaced(fragile):
+    reference = fragile.generate(PROMPT).output_ids
+    gen, took, pid = _disturbed(fragile, "stage0", signal.SIGSTOP)
+    assert gen.output_ids == reference
+    assert f"no verdict within {DEADLINE_S:g} s; stage0 (pid {pid}" in gen.stats.recoveries[0]
+    assert DEADLINE_S <= took < DEADLINE_S + GRACE_S + 60  # the deadline, then one reload
     assert fragile.generate(PROMPT).output_ids == reference
 
 
-def test_a_killed_worker_fails_the_generation_by_name_within_the_deadline(fragile):
-    pid = _engine_pid(fragile, "draft")
-    rounds = iter(fragile.generation(PROMPT))
-    next(rounds), next(rounds)
-    os.kill(pid, signal.SIGKILL)
+def test_a_killed_draft_falls_back_to_target_only_and_comes_back(fragile):
+    reference = fragile.generate(PROMPT, max_new_tokens=40).output_ids
+    gen, _, pid = _disturbed(fragile, "draft", signal.SIGKILL, max_new_tokens=40)
+    assert gen.output_ids == reference  # greedy: target-only rounds commit the same tokens
+    notes = gen.stats.recoveries
+    assert notes[0].endswith("draft failed, target-only"), notes
+    drafted = [r.gamma for r in gen.stats.records]
+    assert 0 in drafted[2:], drafted  # some rounds ran without a draft
+    if len(notes) > 1:  # the new draft was up before the generation ended
+        assert notes[1].endswith("draft back") and drafted[-1] > 0
+    assert _engine_pid(fragile, "draft") != pid or len(notes) == 1
+
+
+def test_a_stage_that_cannot_come_back_ends_with_the_committed_tokens(fragile, monkeypatch):
+    from specmesh.runtime import GenerationError
+
+    reference = fragile.generate(PROMPT).output_ids
+    worker = next(w for w in fragile.backend.target.workers if w.role == "stage0")
+
+    def cannot_start():
+        raise RuntimeError("no node can host stage0")
+
+    monkeypatch.setattr(worker, "spawn", cannot_start)
+    gen = fragile.generation(PROMPT)
+    rounds = iter(gen)
+    committed = next(rounds) + next(rounds)
+    os.kill(_engine_pid(fragile, "stage0"), signal.SIGKILL)
     t0 = time.monotonic()
-    with pytest.raises(RemoteError, match=rf"round 3 of session \w+: draft \(pid {pid} on node \w+\) died"):
-        next(rounds)
+    with pytest.raises(GenerationError, match="stage0") as err:
+        for _ in rounds:
+            pass
     assert time.monotonic() - t0 < DEADLINE_S
-    t0 = time.monotonic()
-    with pytest.raises(RemoteError, match=rf"draft \(pid {pid} .*\) died"):
-        fragile.generate(PROMPT)  # the engine stays broken, and says so at once
-    assert time.monotonic() - t0 < DEADLINE_S
+    assert err.value.output_ids == committed == reference[: len(committed)]
+    monkeypatch.undo()
+    assert fragile.backend.target.recover("stage0")  # leave a working engine behind
 
 
 def test_a_worker_that_cannot_load_fails_the_build_by_name_and_nothing_is_left(local_ray, model_cache):
@@ -296,3 +351,51 @@ def test_a_worker_that_cannot_load_fails_the_build_by_name_and_nothing_is_left(l
     started = set(actor_states()) - before
     assert len(started) == 2  # the stage and the draft were started...
     assert set(wait_dead(started).values()) == {"DEAD"}  # ...and none is left
+
+
+# ---------- load and hostile peers ----------
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_sixteen_concurrent_sessions_each_equal_their_solo_run(engines):
+    """Isolation under load: 16 sessions at once (different prompts and seeds) through one
+    deployment; each output equals its own solo run, and no worker keeps a session afterwards."""
+    engine = engines["local", 2]
+    jobs = [([(7 * i + j) % 250 + 1 for j in range(6 + i % 5)], dict(temperature=1.0, seed=i))
+            for i in range(16)]
+    solo = [engine.generate(p, **kw).output_ids for p, kw in jobs]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda job: engine.generate(job[0], **job[1]).output_ids, jobs))
+    assert together == solo
+    handles = [w.handle for w in engine.backend.target.workers] + [engine.backend.target.draft.handle]
+    assert ray.get([h.open_sessions.remote() for h in handles], timeout=60) == [0] * len(handles)
+
+
+def test_a_hostile_peer_cannot_disturb_a_good_session(engines):
+    """Garbage, truncations, codec bombs, an oversized frame and messages for unknown sessions fed
+    to a live stage while a good session runs beside it: the good output is unchanged, every bad
+    frame is answered with an error, and the stage's memory stays bounded."""
+    engine = engines["local", 2]
+    first = engine.backend.target.workers[0]
+    reference = engines["inproc", 2].generate(PROMPT).output_ids
+    good = DraftProposal("nobody", 1, 0, [1, 2, 3], torch.zeros(0, dtype=torch.int64), SparseDist.empty(256))
+    good_frame = codec.encode(good)
+    zstd = __import__("zstandard").ZstdCompressor()
+    varint_bomb = bytes([codec.PROTOCOL_VERSION, codec.FLAG_ZSTD]) + zstd.compress(
+        b"\x9a\x02\xa1s\x01\x00\xc4\x00\xc4\x00\x90\x90" + b"\x80" * (8 << 20) + b"\x00")
+    hostile = [
+        os.urandom(64), os.urandom(4096), good_frame[: len(good_frame) // 2], b"", varint_bomb,
+        bytes([codec.PROTOCOL_VERSION, 0]) + os.urandom(2 << 20), good_frame,  # the last: unknown session
+    ]
+    before = _rss_kb(first.info["pid"])
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(engine.generate, PROMPT)
+        answers = [_answer(first.handle, data) for data in hostile for _ in range(3)]
+        output = running.result(timeout=120).output_ids
+    assert output == reference
+    assert all(isinstance(a, ErrorMessage) for a in answers), [type(a).__name__ for a in answers]
+    grown_mb = (_rss_kb(first.info["pid"]) - before) / 1024
+    assert grown_mb < 64, f"the stage grew by {grown_mb:.0f} MB"

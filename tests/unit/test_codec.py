@@ -251,7 +251,7 @@ def test_reference_proposal_size_follows_from_the_format():
     q = SparseDist(torch.tensor([ids] * 3), torch.tensor([[0.5, 0.25, 0.125, 0.125]] * 3), QWEN_VOCAB)
     msg = DraftProposal("s", 7, 100, [42], torch.tensor([5, 100, 150_000]), q)
     body = (
-        1  # fixarray of 9 fields
+        1  # fixarray of 10 fields
         + 1 + 2 + 1 + 1  # tag 2, fixstr "s", round 7, rollback 100 (positive fixints)
         + 2 + 4  # context: bin8 header + one uint32
         + 2 + 12  # candidates: bin8 header + three uint32
@@ -261,9 +261,10 @@ def test_reference_proposal_size_follows_from_the_format():
         + 1 + 1  # probability dtype code, index coding code
         + 2 + 3 * 7  # indices: bin8 header + 7 varint bytes per row
         + 2 + 12 * 2  # probabilities: bin8 header + 12 float16
+        + 9  # draft_ms: float64
     )
     frame = encode(msg)
-    assert len(frame) == 2 + body == 92  # 2-byte header (version, flags); body below 1024: raw
+    assert len(frame) == 2 + body == 101  # 2-byte header (version, flags); body below 1024: raw
     assert frame[:2] == bytes([codec.PROTOCOL_VERSION, 0])
     uint32_frame = encode(msg, CodecConfig(index_coding="uint32"))
     assert len(uint32_frame) == len(frame) - (3 * 7) + (3 * 4 * 4)  # four bytes per id instead
@@ -271,11 +272,12 @@ def test_reference_proposal_size_follows_from_the_format():
 
 def test_verify_result_frame_is_byte_for_byte_the_documented_layout():
     frame = encode(VerifyResult("ab", 200, 1, [7, 300], [True, False], [], [0.5]))
-    # version 1, flags 0, fixarray(8), tag 5, fixstr(2) "ab", round as uint8 (0xcc) 200, accepted 1,
-    # tokens as bin8 of two uint32, mask [true, false], path [], stage_ms [float64 0.5]
-    assert frame == (bytes([1, 0, 0x98, 5, 0xA2]) + b"ab" + bytes([0xCC, 200, 1, 0xC4, 8])
+    # version 2, flags 0, fixarray(9), tag 5, fixstr(2) "ab", round as uint8 (0xcc) 200, accepted 1,
+    # tokens as bin8 of two uint32, mask [true, false], path [], stage_ms [float64 0.5], draft_ms 0.0
+    assert frame == (bytes([2, 0, 0x99, 5, 0xA2]) + b"ab" + bytes([0xCC, 200, 1, 0xC4, 8])
                      + (7).to_bytes(4, "little") + (300).to_bytes(4, "little")
-                     + bytes([0x92, 0xC3, 0xC2, 0x90, 0x91, 0xCB]) + struct.pack(">d", 0.5))
+                     + bytes([0x92, 0xC3, 0xC2, 0x90, 0x91, 0xCB]) + struct.pack(">d", 0.5)
+                     + bytes([0xCB]) + struct.pack(">d", 0.0))
 
 
 def test_zstd_only_above_the_threshold_and_only_when_it_helps():

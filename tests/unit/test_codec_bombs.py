@@ -58,7 +58,7 @@ def zstd_frame(body: bytes) -> bytes:
 
 
 def proposal_body(q_sparse: list, candidates: bytes = b"\x00\x00\x00\x00") -> bytes:
-    return msgpack.packb([2, "s", 1, 0, b"", candidates, [], [], q_sparse], use_bin_type=True)
+    return msgpack.packb([2, "s", 1, 0, b"", candidates, [], [], q_sparse, 0.0], use_bin_type=True)
 
 
 def varint_bomb(continuation_bytes: int) -> bytes:
@@ -89,7 +89,7 @@ def test_empty_list_bomb_is_refused_cheaply(outer, inner):
     nest = bytes([0xDC]) + outer.to_bytes(2, "big") + (bytes([0xDC]) + inner.to_bytes(2, "big")
                                                         + b"\x90" * inner) * outer
     body = msgpack.packb([2, "s", 1, 0, b"", b""], use_bin_type=True)
-    body = bytes([0x99]) + body[1:] + nest + msgpack.packb([]) + b"\x90"
+    body = bytes([0x9A]) + body[1:] + nest + msgpack.packb([]) + b"\x90" + msgpack.packb(0.0)
     frame = zstd_frame(body)
     assert len(frame) < 4096
     error, seconds, peak = cost(frame)
@@ -110,7 +110,7 @@ def test_long_top_level_array_is_refused_before_its_items_are_built(tag, name):
 def test_dense_bomb_is_refused_cheaply(rows):
     probs = torch.full((rows, QWEN_VOCAB), 1.0 / QWEN_VOCAB)
     body = msgpack.packb([3, "s", 1, 0, b"", bytes(4 * rows), [], [], QWEN_VOCAB,
-                          probs.numpy().tobytes()], use_bin_type=True)
+                          probs.numpy().tobytes(), 0.0], use_bin_type=True)
     frame = zstd_frame(body)
     assert len(frame) < 64 * 1024
     _, seconds, peak = cost(frame)

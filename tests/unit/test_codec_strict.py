@@ -110,13 +110,13 @@ CASES = [
     ("flags", BASES["verify"][:1] + b"\x02" + BASES["verify"][2:], "flag", {}),
     ("frame size", BASES["stage"], "max_frame_bytes", {"limits": WireLimits(max_frame_bytes=64)}),
     ("header length", BASES["verify"][:1], "header", {}),
-    ("zstd content size", bytes([1, 1]) + zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    ("zstd content size", bytes([codec.PROTOCOL_VERSION, 1]) + zstandard.ZstdCompressor(write_content_size=False).compressobj()
      .compress(BASES["verify"][2:]) + b"", "content size", {}),
-    ("decompressed size", bytes([1, 1]) + zstandard.ZstdCompressor().compress(BASES["stage"][2:]),
+    ("decompressed size", bytes([codec.PROTOCOL_VERSION, 1]) + zstandard.ZstdCompressor().compress(BASES["stage"][2:]),
      "max_decompressed_bytes", {"limits": WireLimits(max_decompressed_bytes=64)}),
     ("raw body size", BASES["stage"], "max_decompressed_bytes", {"limits": WireLimits(max_decompressed_bytes=64)}),
     ("unknown tag", frame([6, "s", 1, 1, []]), "tag", {}),
-    ("body not an array", bytes([1, 0]) + msgpack.packb({"a": 1}), "array", {}),
+    ("body not an array", bytes([codec.PROTOCOL_VERSION, 0]) + msgpack.packb({"a": 1}), "array", {}),
     ("malformed msgpack", BASES["verify"][:-1], "VERIFY_RESULT", {}),
     # field count and types (the schema)
     ("extra field", edit("verify", lambda b: b.append(1)), "VERIFY_RESULT", {}),
