@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 # Default deadline of every remote wait (model loading waits longer: see LOAD_TIMEOUT_S).
 ROUND_TIMEOUT_S = 300.0
 LOAD_TIMEOUT_S = 900.0
+# A live actor answers an empty call in ~1 ms (a loaded machine: tens); one that does not within
+# this is dead, stuck or unreachable, and is replaced.
+ALIVE_PING_S = 2.0
 # A sliver of a node's custom resource pins an actor to that node without limiting how many land.
 PIN = 0.001
 _REASON_CHARS = 400  # how much of a Ray error a RemoteError quotes
@@ -95,6 +99,7 @@ class RemoteCalls:
     def __init__(self, timeout_s: float = ROUND_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
         self.unresponsive: set[str] = set()  # roles of workers that died or missed a deadline
+        self._replacing = threading.Lock()  # one replacement at a time, whichever session asks
 
     def call(self, workers: list[_Worker], method: str, *args, timeout_s: float | None = None,
              best_effort: bool = False) -> list:
@@ -170,28 +175,37 @@ class RemoteCalls:
                                f"answered (stuck, or its node is unreachable)", silent.role)
         return RemoteError(f"{where}: {_reason(exc)}")
 
-    def replace(self, worker: _Worker, seen_incarnation: int) -> bool:
+    def replace(self, worker: _Worker) -> bool:
         """Kills ``worker``'s actor and starts a fresh one like it (its weights reloaded from the
-        node's cache), unless another session already did since it saw ``seen_incarnation``."""
-        if worker.incarnation != seen_incarnation:
+        node's cache), unless it answers a ping at once (another session replaced it already).
+
+        Returns:
+            True when a live worker is in place; False when no replacement could start.
+        """
+        with self._replacing:
+            try:
+                ray.get(worker.handle.ready.remote(), timeout=ALIVE_PING_S)
+                self.unresponsive.discard(worker.role)
+                return True
+            except Exception:  # dead, stuck or unreachable: replace it
+                pass
+            if worker.spawn is None:
+                return False
+            try:
+                ray.kill(worker.handle, no_restart=True)
+            except Exception:  # already gone
+                pass
+            try:
+                handle = worker.spawn()
+                info = ray.get(handle.ready.remote(), timeout=LOAD_TIMEOUT_S)
+            except Exception as err:  # no node to host it, or it died loading: the failure stands
+                log.warning("could not replace %s: %s", worker, _reason(err))
+                return False
+            worker.handle, worker.info = handle, info
+            worker.incarnation += 1
+            self.unresponsive.discard(worker.role)
+            log.warning("replaced %s", worker)
             return True
-        if worker.spawn is None:
-            return False
-        try:
-            ray.kill(worker.handle, no_restart=True)
-        except Exception:  # already gone
-            pass
-        try:
-            handle = worker.spawn()
-            info = ray.get(handle.ready.remote(), timeout=LOAD_TIMEOUT_S)
-        except Exception as err:  # no node to host it, or it died loading: the failure stands
-            log.warning("could not replace %s: %s", worker, _reason(err))
-            return False
-        worker.handle, worker.info = handle, info
-        worker.incarnation += 1
-        self.unresponsive.discard(worker.role)
-        log.warning("replaced %s", worker)
-        return True
 
 
 class RayTraffic(TrafficMeter):
@@ -232,7 +246,7 @@ class RayDrafter:
         return self.calls.call([self.worker], "close", session_id, best_effort=True)[0] or {}
 
     def recover(self) -> bool:
-        return self.calls.replace(self.worker, self.worker.incarnation)
+        return self.calls.replace(self.worker)
 
     def speculate(self, session_id: str, gamma: int, width: int) -> None:
         # Fire and forget: the actor runs it after propose, while the stages verify.
@@ -269,7 +283,7 @@ class RayTarget:
 
     def recover(self, role: str) -> bool:
         worker = next((w for w in self.workers if w.role == role), None)
-        return worker is not None and self.calls.replace(worker, worker.incarnation)
+        return worker is not None and self.calls.replace(worker)
 
     def verify(self, proposal) -> VerifyResult:
         if isinstance(proposal, _Pending):

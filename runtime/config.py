@@ -55,9 +55,9 @@ class SpecConfig:
         threads: torch threads per worker (None: the process default).
         cache_dir: model cache directory (None: $SPECMESH_CACHE or the user cache dir).
         topology: a topology file for the Ray backends (nodes, links, stage placement).
-        overlap: draft the next round while this one is verified (None: on for the cluster
-            backend, where the draft has a machine of its own; off in process and in local mode,
-            where the speculating draft would compete with the stages for the same cores).
+        overlap: draft the next round while this one is verified (None: on exactly where the
+            backend says the draft computes on cores no stage uses: separate machines, or a
+            topology that gives the device its own cores, as the shipped one-machine files do).
         timeout_s: deadline of every remote wait of a round on the Ray backends.
     """
 

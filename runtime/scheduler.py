@@ -130,13 +130,10 @@ class Generation:
         return self.session.stats
 
     def __iter__(self) -> Iterator[list[int]]:
-        b = self.backend
-        workers = [w for w in (b.drafter, b.target) if w is not None]
         opened = self._opened = OpenSession(self.session_id, self.params, self.policy)
         t_start = time.perf_counter()
         try:
-            for w in workers:
-                w.open(opened)
+            self._open_everywhere()
             while self.session.finish_reason is None:
                 yield self._resilient_round()
         except GeneratorExit:
@@ -147,6 +144,24 @@ class Generation:
         finally:
             self.stats.wall_s = time.perf_counter() - t_start
             self._cleanup()
+
+    def _open_everywhere(self) -> None:
+        """Opens the session on the target (replacing a stage found dead) and on the draft (a dead
+        draft means target-only rounds until a new one is up)."""
+        b = self.backend
+        while True:
+            try:
+                b.target.open(self._opened)
+                break
+            except WorkerFailure as exc:
+                if not self._recover(exc):
+                    raise
+        if b.drafter is not None and not self._draft_down:
+            try:
+                b.drafter.open(self._opened)
+            except WorkerFailure as exc:
+                if not self._recover(exc):
+                    raise
 
     def _cleanup(self) -> None:
         """Reads the bytes and frees the session everywhere; each step on its own, so that one
@@ -211,6 +226,7 @@ class Generation:
         if not b.target.recover(role):
             return False
         b.target.open(self._opened)  # every stage starts the session afresh: replay from 0
+        # (a stage failing here again fails this recovery: the loop above tries the next one)
         for k in range(b.num_stages):
             s.invalidate(stage_role(k))
         s.stats.recoveries.append(

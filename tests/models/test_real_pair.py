@@ -2,7 +2,7 @@
 
 The models run in the engine's default dtype ("auto": float32 on CPUs without bf16 arithmetic, such
 as this one, bf16 elsewhere). bf16 greedy decoding is not invariant to how tokens are batched
-(ARCHITECTURE.md, pitfalls): a speculative round feeds 5 tokens where target-only feeds 1, so the two
+(docs/DESIGN.md, pitfalls): a speculative round feeds 5 tokens where target-only feeds 1, so the two
 may part at a near tie of the target's logits. The rule: outputs are equal, or the first divergence
 falls where the reference decode's top-2 logits are within NEAR_TIE of each other.
 """
