@@ -132,17 +132,21 @@ class DraftWorker:
             draft_ms=draft_ms,
         )
 
-    def speculate(self, session_id: str, gamma: int, width: int = 1) -> None:
+    def speculate(self, session_id: str, gamma: int, width: int = 1, budget_ms: float | None = None) -> None:
         """While the last proposal is verified, drafts the next round as if it were fully accepted
-        and the bonus token were the draft's own next token (the likeliest single outcome)."""
+        and the bonus token were the draft's own next token (the likeliest single outcome).
+
+        ``budget_ms``: stop after the depth that ends past this much time (the verification's
+        expected length), so that speculation never delays the next proposal."""
         s = self._session(session_id)
         if not s.depths or gamma < 1:
             return
         t0 = time.perf_counter()
+        deadline = None if budget_ms is None else t0 + budget_ms / 1e3
         context = s.committed + [d.tokens[0] for d in s.depths]
         guess = self._depth(s, context, 1).tokens[0]
         s.spec_context = context + [guess]
-        s.spec_depths = self._extend(s, [], gamma, s.spec_context, width, None)
+        s.spec_depths = self._extend(s, [], gamma, s.spec_context, width, None, deadline)
         s.counters["speculated"] += len(s.spec_depths) + 1
         s.counters["busy_ms"] += round((time.perf_counter() - t0) * 1e3)
 
@@ -169,11 +173,11 @@ class DraftWorker:
         return self._extend(s, reuse, gamma, s.committed, width, stop_below)
 
     def _extend(self, s: _DraftSession, depths: list[Depth], gamma: int, context: list[int],
-                width: int, stop_below: float | None) -> list[Depth]:
+                width: int, stop_below: float | None, deadline: float | None = None) -> list[Depth]:
         """Drafts depths after ``depths`` along their main branch until there are ``gamma`` (or the
-        draft's confidence drops below ``stop_below``)."""
+        draft's confidence drops below ``stop_below``, or the clock passes ``deadline``)."""
         depths = list(depths)
-        while len(depths) < gamma:
+        while len(depths) < gamma and (deadline is None or time.perf_counter() < deadline):
             depth = self._depth(s, context + [d.tokens[0] for d in depths], width)
             depths.append(depth)
             if stop_below is not None and depth.top_prob < stop_below:

@@ -184,9 +184,9 @@ class DraftActor(_Base):
     def close(self, session_id: str) -> dict:
         return self.worker.close(session_id)
 
-    def speculate(self, session_id: str, gamma: int, width: int) -> None:
+    def speculate(self, session_id: str, gamma: int, width: int, budget_ms: float | None = None) -> None:
         try:
-            self.worker.speculate(session_id, gamma, width)
+            self.worker.speculate(session_id, gamma, width, budget_ms)
         except Exception:  # speculation is an optimisation: a failure only means no reuse
             pass
 

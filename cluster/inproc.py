@@ -103,8 +103,8 @@ class InprocDrafter:
     def propose(self, req: ProposeRequest):
         return self.worker.propose(req)
 
-    def speculate(self, session_id: str, gamma: int, width: int) -> None:
-        self.worker.speculate(session_id, gamma, width)
+    def speculate(self, session_id: str, gamma: int, width: int, budget_ms: float | None) -> None:
+        self.worker.speculate(session_id, gamma, width, budget_ms)
 
     def recover(self) -> bool:
         return False  # a worker in this process cannot die apart from it

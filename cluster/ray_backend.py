@@ -248,9 +248,9 @@ class RayDrafter:
     def recover(self) -> bool:
         return self.calls.replace(self.worker)
 
-    def speculate(self, session_id: str, gamma: int, width: int) -> None:
+    def speculate(self, session_id: str, gamma: int, width: int, budget_ms: float | None) -> None:
         # Fire and forget: the actor runs it after propose, while the stages verify.
-        self.actor.speculate.remote(session_id, gamma, width)
+        self.actor.speculate.remote(session_id, gamma, width, budget_ms)
 
     def propose(self, req: ProposeRequest) -> _Pending:
         # An ObjectRef that the driver never fetches: it goes straight to stage 0.

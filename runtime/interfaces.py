@@ -55,9 +55,9 @@ class Drafter(Protocol):
     def recover(self) -> bool:
         """Replaces a failed draft worker; False when it cannot be brought back (yet)."""
 
-    def speculate(self, session_id: str, gamma: int, width: int) -> None:
-        """Drafts the next round ahead (``gamma`` depths of ``width``), on the likeliest verdict,
-        while this one is verified (fire and forget on Ray; runs inline in process)."""
+    def speculate(self, session_id: str, gamma: int, width: int, budget_ms: float | None) -> None:
+        """Drafts the next round ahead (``gamma`` depths of ``width``, within ``budget_ms``), on
+        the likeliest verdict, while this one is verified (fire and forget on Ray; inline in process)."""
 
 
 class Target(Protocol):

@@ -108,6 +108,8 @@ class Generation:
         self._draft_down = False  # the draft failed: target-only rounds until it is back
         self._draft_back: threading.Thread | None = None
         self._draft_ok = False
+        # How long the last verification took (round time less the draft's): speculation's budget.
+        self._verify_ms: float | None = None
 
     @property
     def session_id(self) -> str:
@@ -271,7 +273,7 @@ class Generation:
             s.told_draft()
             handle = b.drafter.propose(req)
             if self._overlap and g > 0:
-                b.drafter.speculate(s.session_id, s.gamma, self._width)
+                b.drafter.speculate(s.session_id, s.gamma, self._width, self._verify_ms)
         else:
             handle = DraftProposal(
                 s.session_id, rnd, keep, committed[keep:],
@@ -294,6 +296,7 @@ class Generation:
             # Links and every overhead: what the round cost beyond the draft's and the stages' compute.
             verify_ms = sum(result.stage_ms)
             other_ms = max(0.0, wall_ms - result.draft_ms - verify_ms)
+            self._verify_ms = wall_ms - result.draft_ms
             s.gamma = self.draft_length.next_gamma(RoundObservation(
                 drafted=drafted, accepted=result.accepted, round_s=wall_ms / 1e3,
                 draft_s_per_token=result.draft_ms / 1e3 / drafted if drafted else 0.0,

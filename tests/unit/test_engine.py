@@ -271,3 +271,31 @@ def test_build_time_fields_cannot_change_per_call(engines):
     with pytest.raises(ValueError, match=r"\['draft'\] are fixed"):
         engine.generate(PROMPT, draft="tiny-draft:noise=0.5")
     assert engine.generate(PROMPT, draft=None, max_new_tokens=3).stats.drafted == 0
+    with pytest.raises(ValueError, match=r"\['timeout_s'\] are fixed"):  # the deadline is built in
+        engine.generate(PROMPT, timeout_s=5.0)
+
+
+def test_a_failed_round_keeps_every_committed_token(engines, monkeypatch):
+    """The error of a failed round carries what was committed before it; a streaming caller has
+    received exactly those tokens."""
+    from specmesh.runtime import GenerationError
+
+    engine = engines[2]
+    target = engine.backend.target
+    real, calls = target.verify, []
+
+    def fails_third(proposal):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the edge went away")
+        return real(proposal)
+
+    monkeypatch.setattr(target, "verify", fails_third)
+    streamed = []
+    with pytest.raises(GenerationError, match="the edge went away") as err:
+        for chunk in engine.stream(PROMPT):
+            streamed.extend(chunk.token_ids)
+    assert err.value.output_ids == streamed and len(streamed) >= 2
+    monkeypatch.undo()
+    assert engine.generate(PROMPT).output_ids[: len(streamed)] == streamed
+    assert all(not s.sessions for s in target.stages)  # the failed session was freed

@@ -402,3 +402,20 @@ def test_wrong_contract_is_detected():
     """Power: distinct siblings shipped with their node's shared q are biased; the check says so."""
     first, joint = _sampled_pvalues(SHAPES["root3"], dense, False, ship_shared=True)
     assert first < SIGNIFICANCE, first
+
+
+def test_tree_and_chain_verifiers_renormalise_q_alike():
+    """Rows off by a wire rounding (sum 1.01) are renormalised by the tree verifier exactly as by
+    the chain's: the same draws give the same verdict as with exact rows."""
+    p_table, q_table = _models()
+    q = dense(q_table[:3])
+    off = SparseDist(q.indices, q.probs * 1.01, q.vocab_size)
+    tokens = torch.tensor([0, 1, 2])
+    p = p_table[:4]
+    for seed in range(50):
+        for tree in (TokenTree.chain(tokens), TokenTree(tokens, [-1, -1, -1])):
+            want = verify_tree_exact(tree, q, p, torch.Generator().manual_seed(seed))
+            got = verify_tree_exact(tree, off, p, torch.Generator().manual_seed(seed))
+            assert got == want, (seed, tree.parents)
+        chain = verify_exact(tokens, off, p, torch.Generator().manual_seed(seed))
+        assert chain.tokens == verify_exact(tokens, q, p, torch.Generator().manual_seed(seed)).tokens
