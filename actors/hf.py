@@ -278,3 +278,17 @@ def vocab_strings(model_dir: str | Path, vocab_size: int) -> list[str] | None:
         return None
     known = min(vocab_size, len(tok))
     return [tok.decode([i]) for i in range(known)] + [""] * (vocab_size - known)
+
+
+# The end-of-document token of GPT-2-style byte-level BPE vocabularies (GPT-2, Qwen, ...): a model
+# that emits it has finished, whatever its generation config lists (the bundled GGUF conversion
+# keeps only <|im_end|>, so the Qwen coders ran past <|endoftext|> on plain-code prompts).
+DOCUMENT_END = "<|endoftext|>"
+
+
+def document_end_ids(model_dir: str | Path) -> tuple[int, ...]:
+    """The id of the tokenizer's end-of-document special token, when it has one."""
+    tok = load_tokenizer(model_dir)
+    if tok is None or DOCUMENT_END not in tok.all_special_tokens:
+        return ()
+    return (int(tok.convert_tokens_to_ids(DOCUMENT_END)),)

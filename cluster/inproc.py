@@ -54,7 +54,7 @@ def model_info(target_dir, num_layers: int) -> ModelInfo:
     cfg = hf.load_config(target_dir)
     eos = cfg.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
-    gen_eos = hf.generation_eos(target_dir)
+    gen_eos = hf.generation_eos(target_dir) + hf.document_end_ids(target_dir)
     return ModelInfo(
         vocab_size=int(cfg.vocab_size), max_positions=int(cfg.max_position_embeddings),
         num_layers=num_layers, eos_token_ids=tuple(dict.fromkeys(eos_ids + gen_eos)),

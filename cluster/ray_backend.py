@@ -10,208 +10,35 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import threading
 import statistics
 import time
-from dataclasses import dataclass, field
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from specmesh.actors import hf
 from specmesh.actors.models import resolve
 from specmesh.actors.remote import DraftActor, EchoActor, InboundLink, StageActor, WorkerSpec
 from specmesh.runtime import codec
 from specmesh.runtime.config import SpecConfig
-from specmesh.runtime.interfaces import Backend, ModelInfo, WorkerFailure
+from specmesh.runtime.interfaces import Backend, ModelInfo
 from specmesh.runtime.messages import ErrorMessage, OpenSession, ProposeRequest, VerifyResult
 from specmesh.runtime.traffic import DOWNLINK, UPLINK, TrafficMeter, TrafficSnapshot
 
 from . import links
 from .inproc import check_vocab, model_info, round_hops, topology_for
 from .layout import check_threads
-from .topology import Topology
+from .placement import Placement, place, remove_placement_group
+from .remote_calls import LOAD_TIMEOUT_S, ROUND_TIMEOUT_S, RemoteCalls, RemoteError, Pending, Worker
+
+__all__ = ["RemoteError", "build_local", "build_cluster", "shutdown", "call_latency"]
 
 log = logging.getLogger(__name__)
-
-# Default deadline of every remote wait (model loading waits longer: see LOAD_TIMEOUT_S).
-ROUND_TIMEOUT_S = 300.0
-LOAD_TIMEOUT_S = 900.0
-# A live actor answers an empty call in ~1 ms (a loaded machine: tens); one that does not within
-# this is dead, stuck or unreachable, and is replaced.
-ALIVE_PING_S = 2.0
-# A sliver of a node's custom resource pins an actor to that node without limiting how many land.
-PIN = 0.001
-_REASON_CHARS = 400  # how much of a Ray error a RemoteError quotes
-
-
-class RemoteError(WorkerFailure):
-    """A round failed: a worker died or missed its deadline (``role`` names it), or answered with
-    an error message (``role`` None: the worker lives on)."""
-
-
-@dataclass
-class _Worker:
-    """One actor and what is known of where it runs (filled by its readiness answer)."""
-
-    role: str  # "draft", "stage0", ...
-    handle: object  # the Ray actor handle
-    info: dict = field(default_factory=dict)  # pid, node_id, ip, threads, ...
-    spawn: object = None  # () -> a new actor handle like this one (recovery)
-    incarnation: int = 0  # how many times it was replaced
-
-    def __str__(self) -> str:
-        if not self.info:
-            return self.role
-        return f"{self.role} (pid {self.info['pid']} on node {self.info['node_id'][:8]})"
-
-
-@dataclass(frozen=True)
-class _Pending:
-    """A proposal in flight: the draft actor's ``ObjectRef`` and the round it belongs to."""
-
-    ref: ray.ObjectRef
-    session_id: str
-    round: int
-
-
-def _reason(exc: BaseException) -> str:
-    """The first and last lines of a Ray error (what died, and why), shortened."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = " | ".join(dict.fromkeys(lines[:1] + lines[-1:])) or type(exc).__name__
-    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
-
-
-class RemoteCalls:
-    """Every remote wait of one pipeline, each with a deadline, and the workers that stopped answering.
-
-    A wait that fails because a worker died or missed the deadline raises :class:`RemoteError` naming
-    the worker and marks it unresponsive; the worker leaves that set as soon as it answers again.
-    Bookkeeping after such a failure (closing the session, reading the byte counters: the scheduler
-    does both in a ``finally``) skips unresponsive workers, so that it neither waits on them again
-    nor hides the round's error behind its own.
-
-    Attributes:
-        timeout_s: deadline of every wait after start-up (a round's verdict, open, close, counters).
-    """
-
-    def __init__(self, timeout_s: float = ROUND_TIMEOUT_S) -> None:
-        self.timeout_s = timeout_s
-        self.unresponsive: set[str] = set()  # roles of workers that died or missed a deadline
-        self._replacing = threading.Lock()  # one replacement at a time, whichever session asks
-
-    def call(self, workers: list[_Worker], method: str, *args, timeout_s: float | None = None,
-             best_effort: bool = False) -> list:
-        """Calls ``method(*args)`` on every worker and waits for all answers, with the deadline.
-
-        Returns:
-            One answer per worker; with ``best_effort``, None for a worker that is skipped (already
-            unresponsive) or fails, which is logged instead of raised.
-
-        Raises:
-            RemoteError: a worker died or did not answer in time (unless ``best_effort``).
-            The worker's own exception, when the method raised it (the worker keeps serving).
-        """
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        asked = [w for w in workers if not (best_effort and w.role in self.unresponsive)]
-        refs = {w.role: getattr(w.handle, method).remote(*args) for w in asked}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout) if refs else ([], [])
-        ready = set(ready)
-        answers, failures = [], []
-        for w in workers:
-            ref = refs.get(w.role)
-            if ref is None:
-                answers.append(None)
-                continue
-            try:
-                if ref not in ready:
-                    raise RemoteError(f"{w} did not answer {method} within {timeout:g} s", w.role)
-                answers.append(ray.get(ref))
-                self.unresponsive.discard(w.role)
-            except (RemoteError, ray.exceptions.RayActorError) as exc:
-                self.unresponsive.add(w.role)
-                failures.append(exc if isinstance(exc, RemoteError)
-                                else RemoteError(f"{w} died: {_reason(exc)}", w.role, dead=True))
-                answers.append(None)
-            except ray.exceptions.RayTaskError:  # the method raised; the actor lives on
-                if not best_effort:
-                    raise
-                answers.append(None)
-        if failures and not best_effort:
-            raise failures[0]
-        for exc in failures:
-            log.warning("%s (ignored: cleaning up after a failure)", exc)
-        return answers
-
-    def round_failed(self, chain: list[tuple[_Worker, ray.ObjectRef]], session_id: str, rnd: int,
-                     exc: BaseException) -> RemoteError:
-        """The error of a round whose verdict did not come: names the worker of the chain that died
-        or failed (the first such), else the first that is still silent, and marks it unresponsive.
-
-        A worker's answer is looked at where it lies (``fetch_local=False``): the driver never
-        fetches the frames that actors hand to each other, so waiting for them to arrive here would
-        call a worker that answered long ago silent.
-        """
-        where = f"round {rnd} of session {session_id}"
-        silent = None
-        for worker, ref in chain:
-            done, _ = ray.wait([ref], timeout=0, fetch_local=False)
-            if not done:
-                silent = silent or worker
-                continue
-            try:
-                ray.get(ref, timeout=self.timeout_s)
-            except ray.exceptions.RayActorError as err:
-                self.unresponsive.add(worker.role)
-                return RemoteError(f"{where}: {worker} died: {_reason(err)}", worker.role, dead=True)
-            except ray.exceptions.GetTimeoutError:
-                silent = silent or worker
-            except ray.exceptions.RayError as err:
-                return RemoteError(f"{where}: {worker} failed: {_reason(err)}", worker.role)
-        if silent is not None:
-            self.unresponsive.add(silent.role)
-            return RemoteError(f"{where}: no verdict within {self.timeout_s:g} s; {silent} has not "
-                               f"answered (stuck, or its node is unreachable)", silent.role)
-        return RemoteError(f"{where}: {_reason(exc)}")
-
-    def replace(self, worker: _Worker) -> bool:
-        """Kills ``worker``'s actor and starts a fresh one like it (its weights reloaded from the
-        node's cache), unless it answers a ping at once (another session replaced it already).
-
-        Returns:
-            True when a live worker is in place; False when no replacement could start.
-        """
-        with self._replacing:
-            try:
-                ray.get(worker.handle.ready.remote(), timeout=ALIVE_PING_S)
-                self.unresponsive.discard(worker.role)
-                return True
-            except Exception:  # dead, stuck or unreachable: replace it
-                pass
-            if worker.spawn is None:
-                return False
-            try:
-                ray.kill(worker.handle, no_restart=True)
-            except Exception:  # already gone
-                pass
-            try:
-                handle = worker.spawn()
-                info = ray.get(handle.ready.remote(), timeout=LOAD_TIMEOUT_S)
-            except Exception as err:  # no node to host it, or it died loading: the failure stands
-                log.warning("could not replace %s: %s", worker, _reason(err))
-                return False
-            worker.handle, worker.info = handle, info
-            worker.incarnation += 1
-            self.unresponsive.discard(worker.role)
-            log.warning("replaced %s", worker)
-            return True
 
 
 class RayTraffic(TrafficMeter):
     """The driver's view of the bytes: what it received itself plus every actor's meter."""
 
-    def __init__(self, workers: list[_Worker], calls: RemoteCalls) -> None:
+    def __init__(self, workers: list[Worker], calls: RemoteCalls) -> None:
         super().__init__()
         self._workers = workers
         self._calls = calls
@@ -231,7 +58,7 @@ class RayTraffic(TrafficMeter):
 
 
 class RayDrafter:
-    def __init__(self, worker: _Worker, calls: RemoteCalls) -> None:
+    def __init__(self, worker: Worker, calls: RemoteCalls) -> None:
         self.worker = worker
         self.calls = calls
 
@@ -252,13 +79,13 @@ class RayDrafter:
         # Fire and forget: the actor runs it after propose, while the stages verify.
         self.actor.speculate.remote(session_id, gamma, width, budget_ms)
 
-    def propose(self, req: ProposeRequest) -> _Pending:
+    def propose(self, req: ProposeRequest) -> Pending:
         # An ObjectRef that the driver never fetches: it goes straight to stage 0.
-        return _Pending(self.actor.propose.remote(req), req.session_id, req.round)
+        return Pending(self.actor.propose.remote(req), req.session_id, req.round)
 
 
 class RayTarget:
-    def __init__(self, stages: list[_Worker], draft: _Worker | None, downlink: links.LinkSpec,
+    def __init__(self, stages: list[Worker], draft: Worker | None, downlink: links.LinkSpec,
                  down_name: str, traffic: TrafficMeter, vocab_size: int, calls: RemoteCalls,
                  up_name: str = "") -> None:
         self.workers = stages
@@ -286,7 +113,7 @@ class RayTarget:
         return worker is not None and self.calls.replace(worker)
 
     def verify(self, proposal) -> VerifyResult:
-        if isinstance(proposal, _Pending):
+        if isinstance(proposal, Pending):
             ref, session_id, rnd = proposal.ref, proposal.session_id, proposal.round
             chain = [(self.draft, ref)]
         else:  # target-only: the driver is the device and sends the proposal itself
@@ -311,52 +138,6 @@ class RayTarget:
             raise RemoteError(f"round {msg.round} of session {msg.session_id} failed: {msg.code}: {msg.text}")
         return msg
 
-
-@dataclass
-class _Placement:
-    options: list[dict]  # Ray actor options per worker: draft first, then each stage
-    group: object | None = None  # the placement group, removed on shutdown
-
-
-def _placement(topology: Topology, cluster: bool) -> _Placement:
-    """Actor options: in ``local`` mode every worker just gets a process; in ``cluster`` mode each is
-    pinned to its topology node by that node's custom resource, inside one placement group."""
-    hosts = [topology.device.name, *topology.stages]
-    if not cluster:
-        return _Placement([{"num_cpus": 0} for _ in hosts])
-    bundles = []
-    for host in hosts:
-        node = topology.node(host)
-        if not node.resources:
-            raise ValueError(
-                f"node {host!r} has no custom resources in the topology; the cluster backend pins "
-                f"workers with them (e.g. resources = {{ specmesh_{host} = 1 }} on `ray start`)"
-            )
-        bundles.append({k: PIN for k in node.resources})
-    needed: dict[str, float] = {}
-    for b in bundles:
-        for k, v in b.items():
-            needed[k] = needed.get(k, 0) + v
-    available = ray.cluster_resources()
-    missing = {k: v for k, v in needed.items() if available.get(k, 0) < v}
-    if missing:
-        raise RuntimeError(
-            f"the Ray cluster lacks resources {sorted(missing)} that the topology asks for; "
-            f"it has {sorted(k for k in available if not k.startswith('node:'))}"
-        )
-    group = placement_group(bundles, strategy="PACK")
-    try:
-        ray.get(group.ready(), timeout=LOAD_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(group)
-        raise RuntimeError(f"placement group {bundles} could not be placed within {LOAD_TIMEOUT_S}s") from None
-    options = [
-        {"num_cpus": 0, "scheduling_strategy": PlacementGroupSchedulingStrategy(group, i)}
-        for i in range(len(hosts))
-    ]
-    return _Placement(options, group)
-
-
 def _build(config: SpecConfig, cluster: bool) -> Backend:
     topology = topology_for(config)
     # The driver reads configs only (small); every actor loads its own slice on its own node.
@@ -373,11 +154,11 @@ def _build(config: SpecConfig, cluster: bool) -> Backend:
         cores = topology.cores_for(host)
         return config.threads or (len(cores) if cores else 1), cores
 
-    placement = _placement(topology, cluster)
+    placement = place(topology, cluster)
     hops = round_hops(topology)
     mode = topology.emulate
     calls = RemoteCalls(config.timeout_s)
-    workers: list[_Worker] = []
+    workers: list[Worker] = []
     try:
         for i, layers in enumerate(split):
             hop = hops[i]
@@ -389,7 +170,7 @@ def _build(config: SpecConfig, cluster: bool) -> Backend:
             out = hops[i + 1]  # the next stage's inbound hop, or the downlink after the last stage
             spawn = functools.partial(StageActor.options(**placement.options[i + 1]).remote, spec, inbound,
                                       cluster, InboundLink(out.name, out.direction))
-            workers.append(_Worker(f"stage{i}", spawn(), spawn=spawn))
+            workers.append(Worker(f"stage{i}", spawn(), spawn=spawn))
         stages = list(workers)
         draft = None
         if config.draft is not None:
@@ -398,7 +179,7 @@ def _build(config: SpecConfig, cluster: bool) -> Backend:
                               config.draft_quant, config.draft_head_rows)
             spawn = functools.partial(DraftActor.options(**placement.options[0]).remote, spec, cluster,
                                       InboundLink(hops[0].name, hops[0].direction))
-            draft = _Worker("draft", spawn(), spawn=spawn)
+            draft = Worker("draft", spawn(), spawn=spawn)
             workers.append(draft)
         # Readiness: every actor has loaded its model (errors surface here, before any round).
         try:
@@ -427,7 +208,7 @@ def _build(config: SpecConfig, cluster: bool) -> Backend:
     return backend
 
 
-def _kill(workers: list[_Worker], placement: _Placement) -> None:
+def _kill(workers: list[Worker], placement: Placement) -> None:
     """Stops every worker and releases the placement group; safe to call twice."""
     for w in workers:
         try:

@@ -122,23 +122,26 @@ def profile_rows(runs: list[Run]) -> list[list[str]]:
     totals: dict[str, dict[str, float]] = {}
     for run in runs:
         p = run.result.stats.profile()
-        t = totals.setdefault(run.variant, {"rounds": 0.0, **{k: 0.0 for k in p}})
+        t = totals.setdefault(run.variant, {"rounds": 0.0, "proposals": 0.0, "hits": 0.0, **{k: 0.0 for k in p}})
         t["rounds"] += run.result.stats.rounds
+        t["proposals"] += run.result.stats.draft_counters.get("proposals", 0)
+        t["hits"] += run.result.stats.draft_counters.get("proposals_hit", 0)
         for k, v in p.items():
             t[k] += v
     rows = []
     for variant, t in totals.items():
         per = lambda k: f"{t[k] / max(t['rounds'], 1):.1f}"  # noqa: E731
         eff = t["limit"] / t["wall"] if t["wall"] else 0.0
+        hits = f"{t['hits'] / t['proposals']:.2f}" if t["proposals"] else NONE
         rows.append([variant, f"{t['rounds']:.0f}", per("wall"), *(per(k) for k in PROFILE_PARTS),
-                     per("limit"), f"{eff:.2f}"])
+                     per("limit"), f"{eff:.2f}", hits])
     return rows
 
 
 def profile_table(runs: list[Run]) -> Table:
     """Where a round's time went, per variant (ms per round), and achieved/limit."""
     table = Table(title="where a round's time goes (ms per round; limit = draft + stages + links)")
-    for col in ("variant", "rounds", "round", *PROFILE_PARTS, "limit", "limit/round time"):
+    for col in ("variant", "rounds", "round", *PROFILE_PARTS, "limit", "limit/round time", "speculation hits"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for row in profile_rows(runs):
         table.add_row(*row)

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 from .config import SpecConfig
 from .interfaces import Backend
-from .scheduler import Generation, GenerationError
+from .scheduler import Generation, GenerationError  # noqa: F401  (part of the API)
 from .stop import StopRule
 from .stats import SessionStats
 

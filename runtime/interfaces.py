@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .messages import DraftProposal, OpenSession, ProposeRequest, VerifyResult
+from .messages import OpenSession, ProposeRequest, VerifyResult
 from .traffic import TrafficMeter
 
 

@@ -132,7 +132,7 @@ class Generation:
         return self.session.stats
 
     def __iter__(self) -> Iterator[list[int]]:
-        opened = self._opened = OpenSession(self.session_id, self.params, self.policy)
+        self._opened = OpenSession(self.session_id, self.params, self.policy)
         t_start = time.perf_counter()
         try:
             self._open_everywhere()

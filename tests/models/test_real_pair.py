@@ -53,6 +53,13 @@ def test_greedy_speculative_equals_target_only_on_humaneval(engine, problem):
     assert out.text
 
 
+def test_end_of_document_ends_generation(engine):
+    """<|endoftext|> ends a generation like <|im_end|> (the converted config lists only the latter)."""
+    tok = engine.tokenizer
+    assert {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")} \
+        <= set(engine.backend.info.eos_token_ids)
+
+
 def test_tokenizer_and_stop_strings(engine):
     out = engine.generate("def add(a, b):\n", stop=("\n\n",), max_new_tokens=32)
     assert out.finish_reason in ("stop", "eos")

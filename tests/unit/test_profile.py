@@ -9,7 +9,7 @@ from specmesh.cluster.cli import app
 from specmesh.cluster.links import LinkSpec
 from specmesh.cluster.report import profile_rows
 from specmesh.cluster.compare import Run
-from specmesh.runtime import SpecConfig, SpecMesh
+from specmesh.runtime import SpecMesh
 from specmesh.runtime.api import GenerationResult
 from specmesh.runtime.stats import RoundRecord, SessionStats
 from specmesh.runtime.traffic import DOWNLINK, UPLINK
@@ -63,7 +63,7 @@ def test_profile_rows_are_per_round_means_of_the_runs():
 
     rows = profile_rows([run(100, 40, 30, 10, 5), run(300, 60, 90, 30, 15)])
     # 4 rounds; per round: wall 100, draft 25, stages 30, links 10, codec 5, rest 30, limit 65
-    assert rows == [["specmesh", "4", "100.0", "25.0", "30.0", "10.0", "5.0", "30.0", "65.0", "0.65"]]
+    assert rows == [["specmesh", "4", "100.0", "25.0", "30.0", "10.0", "5.0", "30.0", "65.0", "0.65", "-"]]
 
 
 def test_run_profile_prints_the_breakdown(tmp_path):
