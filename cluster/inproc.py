@@ -41,12 +41,26 @@ def topology_for(config: SpecConfig) -> Topology:
     return topology
 
 
+# Keys of a topology's [policies] table that are SpecConfig fields; the others are policy knobs.
+POLICY_FIELDS = ("acceptance", "draft_length", "sparsifier", "sparse_k", "sparse_mass", "gamma", "tree_width")
+
+
 def config_from_topology(path: str, **overrides) -> SpecConfig:
-    """A config whose models and stage count come from the topology file at ``path``."""
+    """A config whose models, stage count and policies come from the topology file at ``path``
+    (``overrides``, e.g. command-line options, win over the file)."""
     topology = load_topology(path)
     base = dict(target=topology.models.target, draft=topology.models.draft,
                 num_stages=topology.num_stages, topology=str(path))
-    return SpecConfig(**{**base, **overrides})
+    fields = {k: v for k, v in topology.policies.items() if k in POLICY_FIELDS}
+    knobs = {k: v for k, v in topology.policies.items() if k not in POLICY_FIELDS}
+    if knobs:
+        base["policy_options"] = {**knobs, **overrides.pop("policy_options", {})}
+    try:
+        return SpecConfig(**{**base, **fields, **overrides})
+    except (ValueError, TypeError) as exc:
+        if not topology.policies:
+            raise
+        raise type(exc)(f"{path} [policies] or options: {exc}") from None
 
 
 def model_info(target_dir, num_layers: int) -> ModelInfo:

@@ -98,6 +98,7 @@ class Topology:
     default_link: LinkSpec = IDEAL  # link between distinct nodes not listed in ``links``
     emulate: str = EMULATE_AUTO  # how much of the links the application emulates (links.EMULATE_MODES)
     name: str = ""  # free-form description, shown with reported figures
+    policies: dict = field(default_factory=dict)  # the [policies] table: SpecConfig fields and policy knobs
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", tuple(self.nodes))

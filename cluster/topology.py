@@ -74,7 +74,8 @@ SPLIT_EVEN = "even"  # layers spread by count, the first stages taking one more 
 SPLIT_LAYERS = "layers"  # explicit per-stage counts in ``layers``
 SPLITS = (SPLIT_EVEN, SPLIT_LAYERS)
 
-TOP_KEYS = ("name", "stages", "split", "layers", "models", "nodes", "links", "default_link", "link_model")
+TOP_KEYS = ("name", "stages", "split", "layers", "models", "nodes", "links", "default_link", "link_model",
+            "policies")
 MODEL_KEYS = ("draft", "target")
 NODE_KEYS = ("name", "role", "address", "resources", "cores")
 DEFAULT_LINK_KEYS = ("latency_ms", "bandwidth_mbps")
@@ -195,7 +196,19 @@ def parse_topology(doc: dict) -> Topology:
         raise fail("name", name, "must be a string")
     return Topology(nodes=tuple(nodes), links=tuple(links), models=models, stages=tuple(stages),
                     layers=None if layers is None else tuple(layers), default_link=default,
-                    emulate=_emulate_mode(doc), name=name)
+                    emulate=_emulate_mode(doc), name=name, policies=_parse_policies(doc))
+
+
+def _parse_policies(doc: dict) -> dict:
+    """The ``[policies]`` table: policy choices and knobs (``acceptance = "importance"``,
+    ``importance_strength = 0.5``, ...), checked by the policies when a config is built from it."""
+    table = doc.get("policies", {})
+    if not isinstance(table, dict):
+        raise fail("policies", table, "must be a table of name = value")
+    for key, value in table.items():
+        if not isinstance(value, (str, int, float, bool)):
+            raise fail(f"policies.{key}", value, "must be a string, number or bool")
+    return dict(table)
 
 
 def load_topology(source: str | os.PathLike) -> Topology:
@@ -240,6 +253,8 @@ def dump_topology(topology: Topology) -> str:
     lines += ["", "[models]", f"target = {_toml(t.models.target)}"]
     if t.models.draft is not None:
         lines.append(f"draft = {_toml(t.models.draft)}")
+    if t.policies:
+        lines += ["", "[policies]", *(f"{k} = {_toml(v)}" for k, v in t.policies.items())]
     lines += ["", "[link_model]", f"emulate = {_toml(t.emulate)}",
               "", "[default_link]", f"latency_ms = {_toml(float(t.default_link.latency_ms))}",
               f"bandwidth_mbps = {_toml(float(t.default_link.bandwidth_mbps))}"]
