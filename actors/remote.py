@@ -112,6 +112,17 @@ def _hand_on(frame: bytes, by_reference: bool) -> bytes | ray.ObjectRef:
     return ray.put(frame) if by_reference else frame
 
 
+def _opened(data: bytes, vocab_size: int) -> OpenSession:
+    """An :class:`OpenSession` from its wire frame: like every SpecMesh message between machines it
+    arrives as codec bytes, never as a Python object for Ray to unpickle."""
+    if not isinstance(data, bytes):
+        raise TypeError(f"open takes an encoded OpenSession frame (bytes), got {type(data).__name__}")
+    msg = codec.decode(data, vocab_size=vocab_size)
+    if not isinstance(msg, OpenSession):
+        raise codec.ProtocolError(f"open takes an OpenSession frame, got {type(msg).__name__}")
+    return msg
+
+
 class _Base:
     def __init__(self, vocab_size: int, inbound: InboundLink | None,
                  outbound: InboundLink | None = None) -> None:
@@ -178,8 +189,8 @@ class DraftActor(_Base):
     def ready(self) -> dict:
         return {"vocab_size": self.vocab_size, **self.node_info()}
 
-    def open(self, msg: OpenSession) -> None:
-        self.worker.open(msg)
+    def open(self, data: bytes) -> None:
+        self.worker.open(_opened(data, self.vocab_size))
 
     def close(self, session_id: str) -> dict:
         return self.worker.close(session_id)
@@ -213,8 +224,8 @@ class StageActor(_Base):
     def ready(self) -> dict:
         return {"vocab_size": self.vocab_size, "layers": list(self.worker.model.layers), **self.node_info()}
 
-    def open(self, msg: OpenSession) -> None:
-        self.worker.open(msg)
+    def open(self, data: bytes) -> None:
+        self.worker.open(_opened(data, self.vocab_size))
 
     def close(self, session_id: str) -> None:
         self.worker.close(session_id)

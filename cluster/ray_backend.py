@@ -67,7 +67,7 @@ class RayDrafter:
         return self.worker.handle
 
     def open(self, msg: OpenSession) -> None:
-        self.calls.call([self.worker], "open", msg)
+        self.calls.call([self.worker], "open", codec.encode(msg))
 
     def close(self, session_id: str) -> dict:
         return self.calls.call([self.worker], "close", session_id, best_effort=True)[0] or {}
@@ -103,7 +103,7 @@ class RayTarget:
         return [w.handle for w in self.workers]
 
     def open(self, msg: OpenSession) -> None:
-        self.calls.call(self.workers, "open", msg)
+        self.calls.call(self.workers, "open", codec.encode(msg))
 
     def close(self, session_id: str) -> None:
         self.calls.call(self.workers, "close", session_id, best_effort=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
@@ -10,10 +11,12 @@ from specmesh.policies.catalog import make_draft_length, make_rule
 from specmesh.policies.sparsify import make_sparsifier
 
 from .messages import SamplingParams
+from .schema import POLICY_KEY_PATTERN
 
 PolicyValue = str | int | float | bool
 # Keys of the policy map that SpecConfig fields set; policy_options may not repeat them.
 _FIELD_POLICY_KEYS = ("acceptance", "sparsifier", "sparse_k", "sparse_mass", "draft_length")
+_KNOB_NAME = re.compile(POLICY_KEY_PATTERN)  # the wire's rule for the keys of the policy map
 
 BACKENDS = ("inproc", "local", "cluster")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -142,8 +145,9 @@ class SpecConfig:
         for key, value in self.policy_options.items():
             if key in _FIELD_POLICY_KEYS:
                 raise ValueError(f"policy_options[{key!r}]: set it with the SpecConfig field {key} instead")
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"policy_options key {key!r}: must be a non-empty name")
+            if not isinstance(key, str) or not _KNOB_NAME.match(key):
+                raise ValueError(f"policy_options key {key!r}: must be a name matching {_KNOB_NAME.pattern} "
+                                 "(what the session's policy map carries on the wire)")
             if not isinstance(value, (str, int, float, bool)) or (
                     isinstance(value, float) and not math.isfinite(value)):
                 raise ValueError(f"policy_options[{key!r}] = {value!r}: must be a finite number, bool or string")

@@ -224,7 +224,7 @@ def test_bad_messages_are_answered_with_errors_and_the_workers_keep_serving(engi
     assert isinstance(_answer(first, 12345), ErrorMessage)
 
     opened = OpenSession("probe", SamplingParams())
-    ray.get([first.open.remote(opened), last.open.remote(opened)], timeout=60)
+    ray.get([first.open.remote(codec.encode(opened)), last.open.remote(codec.encode(opened))], timeout=60)
     try:
         proposal = DraftProposal("probe", 1, 0, [1, 2, 3], torch.zeros(0, dtype=torch.int64),
                                  SparseDist.empty(256))
@@ -233,6 +233,8 @@ def test_bad_messages_are_answered_with_errors_and_the_workers_keep_serving(engi
         stale = _answer(first, codec.encode(proposal))
         assert isinstance(stale, ErrorMessage) and (stale.session_id, stale.round) == ("probe", 1)
         assert "stale round 1" in stale.text
+        with pytest.raises(ray.exceptions.RayTaskError, match="open takes an encoded OpenSession frame"):
+            ray.get(first.open.remote(opened), timeout=60)  # a Python object: never on a SpecMesh link
         misrouted = _answer(last, codec.encode(proposal))  # a proposal for a later stage
         assert isinstance(misrouted, ErrorMessage) and "got a DraftProposal" in misrouted.text
         unknown = DraftProposal("nobody", 1, 0, [1], torch.zeros(0, dtype=torch.int64),

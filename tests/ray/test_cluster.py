@@ -124,7 +124,7 @@ def test_frames_go_from_stage_to_stage_without_the_driver(engines, ray_cluster):
     engine, _ = engines[2]
     first, last = engine.backend.target.stages
     opened = OpenSession("route", SamplingParams())
-    ray.get([first.open.remote(opened), last.open.remote(opened)], timeout=60)
+    ray.get([first.open.remote(codec.encode(opened)), last.open.remote(codec.encode(opened))], timeout=60)
     try:
         proposal = DraftProposal("route", 1, 0, PROMPT, torch.zeros(0, dtype=torch.int64), SparseDist.empty(256))
         hop = first.step.remote(ray.put(codec.encode(proposal)))
