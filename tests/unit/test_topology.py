@@ -66,7 +66,7 @@ def test_base_is_valid():
     assert topo.stages == ("edge1", "edge2") and topo.models.draft == "tiny:d"
 
 
-@pytest.mark.parametrize("name", ["one_machine", "three_nodes", "tiny"])
+@pytest.mark.parametrize("name", ["one_machine", "one_machine_50ms", "three_nodes", "tiny"])
 def test_examples_load(name):
     topo = load_topology(example_path(name))
     assert topo.device.name == "device"
@@ -247,7 +247,7 @@ def test_topology_constructor_validates_too():
 
 
 def test_examples_on_one_machine_own_disjoint_cores():
-    for name in ("one_machine", "tiny"):
+    for name in ("one_machine", "one_machine_50ms", "tiny"):
         topo = load_topology(example_path(name))
         assert topo.cores_for("device") == (0,)
         assert topo.cores_for("edge1") == topo.cores_for("edge2") == (1,)

@@ -38,3 +38,10 @@ def test_policies_table_sets_config_fields_and_knobs(tmp_path):
 def test_bad_policies_name_the_value(tmp_path, policies, message):
     with pytest.raises((ValueError, TypeError), match=message.replace("[", r"\[").replace("]", r"\]")):
         config_from_topology(_file(tmp_path, policies))
+
+
+def test_the_shipped_50ms_layout_drafts_a_tree():
+    from specmesh.cluster.topology import example_path
+
+    cfg = config_from_topology(str(example_path("one_machine_50ms")))
+    assert cfg.tree_width == 2 and cfg.acceptance == "exact"
