@@ -270,10 +270,9 @@ def generation_eos(model_dir: str | Path) -> tuple[int, ...]:
     return tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),)
 
 
-def vocab_strings(model_dir: str | Path, vocab_size: int) -> list[str] | None:
+def vocab_strings(tok, vocab_size: int) -> list[str] | None:
     """Each token id's decoded text (``vocab_size`` entries, "" past the tokenizer's own), for
-    acceptance rules that score tokens lexically; None when the model has no tokenizer."""
-    tok = load_tokenizer(model_dir)
+    acceptance rules that score tokens lexically; None when there is no tokenizer (``tok`` None)."""
     if tok is None:
         return None
     known = min(vocab_size, len(tok))
@@ -286,9 +285,9 @@ def vocab_strings(model_dir: str | Path, vocab_size: int) -> list[str] | None:
 DOCUMENT_END = "<|endoftext|>"
 
 
-def document_end_ids(model_dir: str | Path) -> tuple[int, ...]:
-    """The id of the tokenizer's end-of-document special token, when it has one."""
-    tok = load_tokenizer(model_dir)
+def document_end_ids(tok) -> tuple[int, ...]:
+    """The id of the tokenizer's end-of-document special token, when it has one (``tok``: a
+    loaded tokenizer, or None)."""
     if tok is None or DOCUMENT_END not in tok.all_special_tokens:
         return ()
     return (int(tok.convert_tokens_to_ids(DOCUMENT_END)),)

@@ -217,8 +217,9 @@ class StageActor(_Base):
                  outbound: InboundLink | None = None) -> None:
         model = _load(spec)
         super().__init__(model.vocab_size, inbound, outbound)
-        target_dir = resolve(spec.model, spec.cache_dir)
-        self.worker = TargetStage(model, vocab=lambda: hf.vocab_strings(target_dir, model.vocab_size))
+        # The vocabulary's strings only when a session asks for a rule with a lexicon.
+        self.worker = TargetStage(model, vocab=lambda: hf.vocab_strings(
+            hf.load_tokenizer(resolve(spec.model, spec.cache_dir)), model.vocab_size))
         self.by_reference = by_reference  # hand frames on by reference (see _hand_on)
 
     def ready(self) -> dict:

@@ -63,12 +63,13 @@ def config_from_topology(path: str, **overrides) -> SpecConfig:
         raise type(exc)(f"{path} [policies] or options: {exc}") from None
 
 
-def model_info(target_dir, num_layers: int) -> ModelInfo:
-    """Vocabulary, context length and end-of-sequence ids of the target in ``target_dir``."""
+def model_info(target_dir, num_layers: int, tokenizer) -> ModelInfo:
+    """Vocabulary, context length and end-of-sequence ids of the target in ``target_dir`` (whose
+    ``tokenizer``, already loaded, or None, names its end-of-document token)."""
     cfg = hf.load_config(target_dir)
     eos = cfg.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
-    gen_eos = hf.generation_eos(target_dir) + hf.document_end_ids(target_dir)
+    gen_eos = hf.generation_eos(target_dir) + hf.document_end_ids(tokenizer)
     return ModelInfo(
         vocab_size=int(cfg.vocab_size), max_positions=int(cfg.max_position_embeddings),
         num_layers=num_layers, eos_token_ids=tuple(dict.fromkeys(eos_ids + gen_eos)),
@@ -165,11 +166,11 @@ def build(config: SpecConfig) -> Backend:
     target_dir = resolve(config.target, config.cache_dir)
     total = hf.num_layers(hf.load_config(target_dir))
     split = topology.split_layers(total)
-    info = model_info(target_dir, total)
-    vocab = lambda: hf.vocab_strings(target_dir, info.vocab_size)  # noqa: E731 (loaded on demand)
+    tokenizer = hf.load_tokenizer(target_dir)
+    info = model_info(target_dir, total, tokenizer)
+    vocab = lambda: hf.vocab_strings(tokenizer, info.vocab_size)  # noqa: E731 (decoded on demand)
     stages = [TargetStage(hf.load_stage(target_dir, r, dtype=dtype), config.threads, vocab) for r in split]
     drafter = None
-    tokenizer = hf.load_tokenizer(target_dir)
     if config.draft is not None:
         draft_dir = resolve(config.draft, config.cache_dir)
         draft = make_cheaper(hf.load_stage(draft_dir, dtype=dtype), config.draft_quant, config.draft_head_rows)

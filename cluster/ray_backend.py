@@ -144,7 +144,8 @@ def _build(config: SpecConfig, cluster: bool) -> Backend:
     target_dir = resolve(config.target, config.cache_dir)
     total = hf.num_layers(hf.load_config(target_dir))
     split = topology.split_layers(total)
-    info: ModelInfo = model_info(target_dir, total)
+    tokenizer = hf.load_tokenizer(target_dir)
+    info: ModelInfo = model_info(target_dir, total, tokenizer)
     check_threads(topology, config.threads)
     if not cluster:  # every node is this machine: the cores they name must exist here
         topology.check_machine_cores()
@@ -198,7 +199,7 @@ def _build(config: SpecConfig, cluster: bool) -> Backend:
     downlink = links.emulated(down.spec, mode, real_network=cluster)
     target = RayTarget(stages, draft, downlink, down.name, traffic, info.vocab_size, calls, hops[0].name)
     drafter = RayDrafter(draft, calls) if draft is not None else None
-    backend = Backend(drafter, target, info, hf.load_tokenizer(target_dir), traffic,
+    backend = Backend(drafter, target, info, tokenizer, traffic,
                       device_links=(hops[0].name, hops[-1].name), num_stages=len(stages))
     backend.close = lambda: _kill(workers, placement)
     backend.workers = [{"role": w.role, **w.info} for w in workers]

@@ -37,7 +37,6 @@ class Worker:
     handle: object  # the Ray actor handle
     info: dict = field(default_factory=dict)  # pid, node_id, ip, threads, ...
     spawn: object = None  # () -> a new actor handle like this one (recovery)
-    incarnation: int = 0  # how many times it was replaced
 
     def __str__(self) -> str:
         if not self.info:
@@ -180,7 +179,6 @@ class RemoteCalls:
                 log.warning("could not replace %s: %s", worker, _reason(err))
                 return False
             worker.handle, worker.info = handle, info
-            worker.incarnation += 1
             self.unresponsive.discard(worker.role)
             log.warning("replaced %s", worker)
             return True

@@ -1,4 +1,5 @@
-"""Every policy, registered: the one module to ask for a policy by name.
+"""Every policy, registered: the one module to ask for an acceptance rule or a draft length
+by name.
 
 The registries live beside their interfaces (``acceptance``, ``draft_length``, ``sparsify``); the
 policies in other modules register themselves on import. This module imports them all, so a name in a
@@ -10,8 +11,7 @@ from typing import Sequence
 
 from . import lossy, online_length, tkslt  # noqa: F401  (they register their names on import)
 from .acceptance import ACCEPTANCE, AcceptanceRule, PolicyMap
-from .draft_length import DRAFT_LENGTH, make as make_draft_length  # noqa: F401
-from .sparsify import SPARSIFIERS, make_sparsifier  # noqa: F401
+from .draft_length import make as make_draft_length  # noqa: F401  (the one place to ask)
 
 
 def make_rule(policy: PolicyMap, vocab: Sequence[str] | None = None) -> AcceptanceRule:
@@ -26,7 +26,3 @@ def make_rule(policy: PolicyMap, vocab: Sequence[str] | None = None) -> Acceptan
 def is_lossless(name: str) -> bool:
     """Whether the acceptance policy ``name`` keeps the target's output distribution exactly."""
     return bool(ACCEPTANCE.get(name)({}, None).lossless)
-
-
-def acceptance_names() -> list[str]:
-    return ACCEPTANCE.names()
