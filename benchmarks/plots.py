@@ -99,13 +99,49 @@ def plot_hf(s: dict, path: Path) -> Path:
 
 
 def plot_quality(s: dict, path: Path) -> Path:
-    labels = [v["label"] for v in s["variants"]]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.bar(labels, [s["pass_at_1"][x] for x in labels], color="tab:purple")
-    ax.set(ylabel="pass@1", ylim=(0, 1.05), title=f"HumanEval pass@1 ({len(s['problems'])} problems)")
-    ax.grid(alpha=0.3, axis="y")
+    """pass@1 against tokens/s, one point per variant (lossy ones hollow): the quality/speed trade-off."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, v in enumerate(s["variants"]):
+        label = v["label"]
+        tps = s["summary"][label]["tokens_per_s"]["mean"]
+        if tps is None:
+            continue
+        lossy = s.get("lossy", {}).get(label, False)
+        ax.plot([tps], [s["pass_at_1"][label]], "o", ms=7, mfc="none" if lossy else None,
+                color="tab:red" if lossy else "tab:blue")
+        ax.annotate(label.removeprefix("specmesh "), (tps, s["pass_at_1"][label]), textcoords="offset points",
+                    xytext=(4, 4 + 9 * (i % 3)), fontsize=8)  # staggered: equal pass@1 is common
+    temp = s.get("temperature") or 0
+    ax.set(xlabel="tokens/s", ylabel="pass@1", ylim=(-0.03, 1.05),
+           title=f"HumanEval pass@1 vs speed ({len(s['problems'])} problems, "
+                 f"{'greedy' if not temp else f'T = {temp:g}'}; hollow = lossy)")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_lengths(s: dict, path: Path) -> Path:
+    """Per latency: tokens/s of the static gammas (line) and of each adaptive policy, placed at the mean
+    gamma it drafted."""
+    pts = s["points"]
+    fig, axes = plt.subplots(1, len(pts), figsize=(4.8 * len(pts), 3.9), squeeze=False)
+    for ax, p in zip(axes[0], pts):
+        static = [v for v in p["variants"] if v["overrides"]["draft_length"] == "fixed"]
+        _errorbar(ax, [v["overrides"]["gamma"] for v in static],
+                  [p["summary"][v["label"]]["tokens_per_s"] for v in static], label="fixed", color="black")
+        for v in p["variants"]:
+            x = p["summary"][v["label"]]
+            if v in static or x["mean_gamma"]["mean"] is None or x["tokens_per_s"]["mean"] is None:
+                continue
+            ax.plot([x["mean_gamma"]["mean"]], [x["tokens_per_s"]["mean"]], "s", ms=7, label=v["label"])
+        if p["best_static"]:
+            ax.axhline(p["best_static"]["tokens_per_s"] * s["within"], color="grey", lw=0.8, ls="--",
+                       label=f"{s['within']:.0%} of best static")
+        ax.set(xlabel="gamma (adaptive: mean drafted per round)", ylabel="tokens/s",
+               title=f"{p['latency_ms']:g} ms per hop")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
 PLOTS = {"latency": plot_latency, "gamma": plot_gamma, "sparsifier": plot_sparsifier, "hf": plot_hf,
-         "quality": plot_quality}
+         "quality": plot_quality, "lengths": plot_lengths}

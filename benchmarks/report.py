@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 from .plots import PLOTS, TOKENS_PER_S, close_figures, hf_variants
+from .profile import profile_lines
+from .report_policies import section_lengths, section_quality
+from .tables import fmt, seconds, table, yes
 
 RESULTS = "results.json"
 REPORT = "report.md"
@@ -60,29 +63,9 @@ def write(results: dict, out: Path) -> list[Path]:
     return paths
 
 
-# ----- formatting -----
+# ----- formatting (benchmarks.tables; the old private names kept for callers) -----
 
-def fmt(s: dict | None, spec: str = ".2f", suffix: str = "") -> str:
-    """A :func:`runner.stat` as ``mean (min..max)``, or just the mean when the range is a point."""
-    if not s or s.get("mean") is None:
-        return "-"
-    mean = f"{s['mean']:{spec}}{suffix}"
-    if f"{s['min']:{spec}}" == f"{s['max']:{spec}}":
-        return mean
-    return f"{mean} ({s['min']:{spec}}..{s['max']:{spec}})"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-
-
-def _yes(flag: bool | None) -> str:
-    return "-" if flag is None else ("yes" if flag else "no")
-
-
-def _seconds(s: float | None) -> str:
-    return "-" if s is None else f"{s:.0f} s ({s / 60:.1f} min)"
+_table, _yes, _seconds = table, yes, seconds
 
 
 def markdown(r: dict, images: dict[str, str]) -> str:
@@ -148,6 +131,7 @@ def section_latency(s: dict, image: str | None) -> list[str]:
                        _yes(spec["same_output_as_baseline"])])
     lines += _table(["stages", "ms/hop", "target-only tok/s", "SpecMesh tok/s", "mean acc. len", "acceptance",
                      "same output"], detail) + [""]
+    lines += profile_lines([(f"{p['num_stages']} st, {p['latency_ms']:g} ms: ", p["runs"]) for p in pts])
     return lines + ([f"![latency]({image})", ""] if image else [])
 
 
@@ -176,6 +160,7 @@ def section_gamma(s: dict, image: str | None) -> list[str]:
              "(target-only = 1). `heuristic` starts at the stated gamma (+2 after a full acceptance, -1 "
              "otherwise).", ""]
     lines += _variant_table(s, "variant", ["tok/s", "speedup", "mean acc. len", "acceptance", "same output"])
+    lines += profile_lines([("", s["runs"])])
     return lines + ([f"![gamma]({image})", ""] if image else [])
 
 
@@ -188,6 +173,7 @@ def section_sparsifier(s: dict, image: str | None) -> list[str]:
              "bytes / this sparsifier's.", ""]
     lines += _variant_table(s, "sparsifier", ["uplink B/token", "saving vs dense", "acceptance", "mean acc. len",
                                               "downlink B/token", "tok/s", "speedup"])
+    lines += profile_lines([("", s["runs"])])
     return lines + ([f"![sparsifier]({image})", ""] if image else [])
 
 
@@ -217,35 +203,12 @@ def section_hf(s: dict, image: str | None) -> list[str]:
             rows.append([entry["prompt_id"], pair, _yes(d["identical"]), split,
                          f"{d['margin']:.3f}" if "margin" in d else "-", _yes(d.get("near_tie"))])
     lines += _table(["prompt", "outputs", "identical", "first split", "logit margin", "near tie"], rows) + [""]
+    lines += profile_lines([("", s["runs"])])
     return lines + ([f"![hf]({image})", ""] if image else [])
 
 
-def section_quality(s: dict, image: str | None) -> list[str]:
-    lines = ["## quality: HumanEval pass@1", ""]
-    checks = s["self_check"]
-    harness = ", ".join(f"{c['task_id']} canonical {c['canonical']}, empty {c['empty']}" for c in checks)
-    if s.get("skipped"):
-        return lines + [f"Skipped: {s['skipped']}.", "", f"Harness self-check: {harness}.", ""]
-    lossy = ", ".join(s["lossy_policies"]) or "none registered besides exact"
-    lines += [f"Problems {', '.join(s['problems'])}; greedy, up to {s['max_new_tokens']} new tokens, stop "
-              f"sequences {s['stop']!r}; each completion run against the problem's tests in its own Python "
-              f"subprocess with a timeout. Lossy acceptance policies: {lossy}.", ""]
-    rows = []
-    for v in s["variants"]:
-        label = v["label"]
-        mine = [r for r in s["runs"] if r["variant"] == label]
-        x = s["summary"][label]
-        rows.append([label, f"{s['pass_at_1'][label]:.3f}", f"{sum(r['passed'] for r in mine)}/{len(mine)}",
-                     fmt(x["tokens_per_s"]), fmt(x["speedup"], ".2f", "x"), _yes(x["same_output_as_baseline"])])
-    lines += _table(["variant", "pass@1", "passed", "tok/s", "speedup", "same output"], rows) + [""]
-    rows = [[r["prompt_id"], r["variant"], r["tokens"], r["finish_reason"], r["result"]] for r in s["runs"]]
-    lines += _table(["problem", "variant", "tokens", "finish", "verdict"], rows) + [""]
-    lines += [f"Harness self-check: {harness}.", ""]
-    return lines + ([f"![quality]({image})", ""] if image else [])
-
-
 SECTIONS = {"latency": section_latency, "gamma": section_gamma, "sparsifier": section_sparsifier,
-            "hf": section_hf, "quality": section_quality}
+            "hf": section_hf, "quality": section_quality, "lengths": section_lengths}
 
 
 if __name__ == "__main__":  # rebuild report.md and the plots from DIR/results.json

@@ -63,6 +63,10 @@ def run_record(run: Run, repeat: int, decode: Callable | None) -> dict:
         "per_position_acceptance": s.per_position_acceptance, "tokens_per_s": s.tokens_per_s,
         "bytes_up": s.bytes_up, "bytes_down": s.bytes_down, "bytes_between_stages": s.bytes_between_stages,
         "finish_reason": run.result.finish_reason, "output_ids": run.result.output_ids,
+        # where the rounds' time went (SessionStats.profile, ms summed over rounds) and the draft's
+        # speculation: the report's profile table (as `specmesh run --profile` prints it)
+        "profile_ms": s.profile(), "proposals": s.draft_counters.get("proposals", 0),
+        "proposals_hit": s.draft_counters.get("proposals_hit", 0),
     }
     if decode is not None:
         row["text"] = decode(run.result.output_ids)
@@ -131,18 +135,30 @@ class Bench:
         return self.grid.tokens[scenario]
 
     def measure(self, label: str, engine: SpecMesh, prompts, variants: list[Variant], *,
-                baseline: str = BASELINE.label, repeats: int | None = None, common: dict | None = None) -> dict:
-        """Runs ``variants`` side by side on ``prompts``, ``repeats`` times; raw runs and spreads."""
+                baseline: str = BASELINE.label, repeats: int | None = None, common: dict | None = None,
+                seeds: Callable[[int, int], int] | None = None) -> dict:
+        """Runs ``variants`` side by side on ``prompts``, ``repeats`` times; raw runs and spreads.
+
+        ``seeds(i, r)``, when given, is the seed of prompt ``i``'s runs in repetition ``r`` (every
+        variant alike); otherwise every run has ``--seed``.
+        """
         repeats = repeats or self.repeats
         common = {"seed": self.options.seed, **(common or {})}
         variants = [Variant(v.label, {**common, **v.overrides}) for v in variants]
         task = self.progress.add_task(label, total=repeats * len(prompts) * len(variants))
         decode = decoder(engine)
         rows, per_repeat = [], []
+        advance = lambda _run: self.progress.advance(task)  # noqa: E731
         for r in range(repeats):
-            runs = run_side_by_side(engine, prompts, variants, warmup=r == 0,
-                                    on_run=lambda _run: self.progress.advance(task))
-            rows += [run_record(run, r, decode) for run in runs]
+            seed_of = {pid: common["seed"] if seeds is None else seeds(i, r) for i, (pid, _) in enumerate(prompts)}
+            if seeds is None:
+                runs = run_side_by_side(engine, prompts, variants, warmup=r == 0, on_run=advance)
+            else:
+                runs = []
+                for i, prompt in enumerate(prompts):
+                    seeded = [Variant(v.label, {**v.overrides, "seed": seed_of[prompt[0]]}) for v in variants]
+                    runs += run_side_by_side(engine, [prompt], seeded, warmup=r == 0 and i == 0, on_run=advance)
+            rows += [{**run_record(run, r, decode), "seed": seed_of[run.prompt_id]} for run in runs]
             per_repeat.append(summarise(runs, baseline))
         self.progress.remove_task(task)
         measured = {

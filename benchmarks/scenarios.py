@@ -1,5 +1,6 @@
-"""The five scenarios of ``specmesh bench``; each takes a :class:`~.runner.Bench`, returns its section
-of ``results.json`` (raw runs, spreads, the links and config it ran under)."""
+"""The scenarios of ``specmesh bench`` (``quality`` and ``lengths`` live in their own modules); each
+takes a :class:`~.runner.Bench` and returns its section of ``results.json`` (raw runs, spreads, the
+links and config it ran under)."""
 from __future__ import annotations
 
 import gc
@@ -9,10 +10,9 @@ import torch
 
 from specmesh.actors.models import resolve
 from specmesh.cluster.compare import BASELINE, WARMUP_TOKENS, Variant, run_side_by_side
-from specmesh.policies.catalog import ACCEPTANCE, is_lossless
 
-from . import humaneval_eval
-from .prompts import humaneval_problem
+from .lengths import scenario_lengths
+from .quality import scenario_quality
 from .runner import Bench, config_dict, decoder, run_record, stat
 
 SPECMESH = Variant("specmesh", {})  # the engine's configuration as built: gamma 4, top-k 16, exact
@@ -57,7 +57,8 @@ def scenario_sparsifier(b: Bench) -> dict:
                  for p in b.grid.sparse_masses]
     prompts = b.prompts("sparsifier")
     m = b.measure("sparsifier", engine, prompts, variants,
-                  common={"max_new_tokens": b.tokens("sparsifier"), "temperature": b.options.temperature})
+                  common={"max_new_tokens": b.tokens("sparsifier"),
+                          "temperature": b.options.temperature_of("sparsifier")})
     dense = [next(s for s in rep if s["variant"] == "dense") for rep in m["per_repeat"]]
     for v in variants[1:]:
         reps = [next(s for s in rep if s["variant"] == v.label) for rep in m["per_repeat"]]
@@ -65,7 +66,8 @@ def scenario_sparsifier(b: Bench) -> dict:
             [d["bytes_up_per_token"] / s["bytes_up_per_token"] if s["bytes_up_per_token"] else None
              for d, s in zip(dense, reps)])
     return {"prompts": [p for p, _ in prompts], "max_new_tokens": b.tokens("sparsifier"),
-            "temperature": b.options.temperature, "links": topo.describe_links(), "vocab_size": vocab,
+            "temperature": b.options.temperature_of("sparsifier"), "links": topo.describe_links(),
+            "vocab_size": vocab,
             "config": config_dict(engine), **m}
 
 
@@ -160,35 +162,7 @@ def hf_summary(rows: list[dict], repeats: int) -> dict:
     return out
 
 
-def scenario_quality(b: Bench) -> dict:
-    """HumanEval pass@1 of target-only, exact SpecMesh and each lossy acceptance policy."""
-    problems = [humaneval_problem(i) for i in b.options.problems]
-    self_check = humaneval_eval.self_check(problems)
-    engine, topo, _ = b.engine(1, 0.0)
-    if engine.tokenizer is None:
-        return {"skipped": f"{b.models.target} has no tokenizer: no code to run (the harness self-check ran)",
-                "self_check": self_check}
-    lossy = [n for n in ACCEPTANCE.names() if not is_lossless(n)]
-    variants = [BASELINE, Variant("specmesh exact", {})]
-    variants += [Variant(f"specmesh {name}", {"acceptance": name}) for name in lossy]
-    n = b.grid.prompts.get("quality", len(problems))
-    prompts = [(p["task_id"], p["prompt"]) for p in problems[:n]]
-    m = b.measure("quality", engine, prompts, variants, repeats=1,
-                  common={"max_new_tokens": b.tokens("quality"), "stop": humaneval_eval.STOP_SEQUENCES})
-    by_id = {p["task_id"]: p for p in problems}
-    checks: dict[str, list] = {}
-    for row in m["runs"]:
-        completion = humaneval_eval.truncate(row["text"])
-        res = humaneval_eval.check(by_id[row["prompt_id"]], completion)
-        row.update(completion=completion, passed=res.passed, result=res.result)
-        checks.setdefault(row["variant"], []).append(res)
-    m["pass_at_1"] = {v: humaneval_eval.pass_at_1(rs) for v, rs in checks.items()}
-    return {"problems": [p for p, _ in prompts], "max_new_tokens": b.tokens("quality"),
-            "stop": list(humaneval_eval.STOP_SEQUENCES), "lossy_policies": lossy, "links": topo.describe_links(),
-            "self_check": self_check, "config": config_dict(engine), **m}
-
-
 SCENARIO_FUNCS: dict[str, Callable[[Bench], dict]] = {
     "latency": scenario_latency, "gamma": scenario_gamma, "sparsifier": scenario_sparsifier,
-    "hf": scenario_hf, "quality": scenario_quality,
+    "hf": scenario_hf, "quality": scenario_quality, "lengths": scenario_lengths,
 }

@@ -1,6 +1,6 @@
 """``specmesh bench``: the benchmark suite that every figure SpecMesh claims is measured with.
 
-Five scenarios, each run side by side with its baseline in the same process run, on the same prompts,
+Six scenarios, each run side by side with its baseline in the same process run, on the same prompts,
 seeds and links (``specmesh.cluster.compare.run_side_by_side``). What each runs is declared in
 :mod:`specmesh.benchmarks.options`; how it measures is :mod:`specmesh.benchmarks.runner`:
 
@@ -8,7 +8,9 @@ seeds and links (``specmesh.cluster.compare.run_side_by_side``). What each runs 
 - ``gamma``: mean accepted length and speedup vs gamma, for each draft-length policy.
 - ``sparsifier``: uplink bytes per generated token and acceptance vs the q sparsifier (sampled).
 - ``hf``: SpecMesh in-process against transformers' assisted generation on the same pair.
-- ``quality``: HumanEval pass@1 of target-only, exact SpecMesh and every lossy acceptance policy.
+- ``quality``: HumanEval pass@1 beside speed for exact SpecMesh and every lossy acceptance policy
+  (``importance`` at several strengths, its default strength picked from the trade-off).
+- ``lengths``: tokens/s vs the draft length: static gammas and the adaptive policies, per latency.
 
 Every raw figure lands in ``results.json``; :mod:`specmesh.benchmarks.report` writes the Markdown
 report and the plots from it. Ratios are taken per repetition from measured numbers, then shown as

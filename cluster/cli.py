@@ -123,13 +123,19 @@ def demo(
 @app.command()
 def bench(
     out: Path = typer.Option(Path("bench-out"), help="Output folder: results.json, report.md, one PNG per scenario."),
-    scenario: Optional[list[str]] = typer.Option(None, help="latency | gamma | sparsifier | hf | quality; repeat for several. [default: all]"),
+    scenario: Optional[list[str]] = typer.Option(None, help="latency | gamma | sparsifier | hf | quality | lengths; repeat for several. [default: all]"),
     models: str = typer.Option("tiny", help="tiny (random models: seconds per point) | bundled (the real Qwen2.5-Coder pair: reduced grids, tens of minutes)."),
     quick: bool = typer.Option(False, "--quick", help="Reduced grid: about a minute on tiny models (CI)."),
-    repeats: Optional[int] = typer.Option(None, help="Repetitions of every measurement. [default: 3 tiny, 2 quick, 1 bundled]"),
+    repeats: Optional[int] = typer.Option(None, help="Repetitions of every measurement (quality: samples per problem). [default: 3 tiny, 2 quick, 1 bundled; quality 1]"),
     problems: str = typer.Option("0,2,10", help="HumanEval problem indices: the prompts of the real pair and the quality subset."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Tokens per generation in every scenario but quality. [default: per scenario]"),
-    temperature: float = typer.Option(1.0, help="Sampling temperature of the sparsifier scenario (greedy q is one-hot)."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature of sparsifier, quality and lengths (a seed per problem: a run repeats); latency, gamma, hf stay greedy. [default: 1.0 sparsifier, greedy quality and lengths]"),
+    policies: Optional[str] = typer.Option(None, help="quality: acceptance policies, comma-separated, e.g. exact,importance,typical,fly; importance, typical and fly are LOSSY. [default: exact and every lossy one]"),
+    strengths: Optional[str] = typer.Option(None, help="quality: one importance variant per importance_strength, e.g. 0.25,0.5,1.0; with two or more the report picks the default strength. [default: the policy's own]"),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="quality: also run target-only (the slowest runs; its speedup column)."),
+    latencies: Optional[str] = typer.Option(None, help="Per-hop latencies in ms of latency and lengths, e.g. 0,50. [default: per grid; lengths 0,50]"),
+    gammas: Optional[str] = typer.Option(None, help="Static gammas of gamma and lengths, e.g. 1,2,3,4,6,8,10. [default: per grid; lengths 1,2,4,6,8]"),
+    adaptive: Optional[str] = typer.Option(None, help="lengths: adaptive draft-length policies, e.g. heuristic,confidence,tkslt,online. [default: those four]"),
     bandwidth_mbps: float = typer.Option(float("inf"), help="Bandwidth of every modelled link in Mbit/s. [default: unlimited]"),
     seed: int = typer.Option(0, help="Seed of every run and of the tiny models' prompts."),
     threads: Optional[int] = typer.Option(None, help="Torch threads, for SpecMesh and the transformers peer alike. [default: 1 tiny, 2 bundled]"),
@@ -142,19 +148,28 @@ def bench(
     gamma: mean accepted length and speedup vs gamma (fixed and heuristic draft length).
     sparsifier: uplink bytes per generated token and acceptance (dense, top-K, top-p), sampled.
     hf: SpecMesh in-process vs transformers assisted generation (tokens/s, identical output).
-    quality: HumanEval pass@1 of target-only, exact SpecMesh and each lossy acceptance policy.
+    quality: HumanEval pass@1 beside tokens/s per acceptance policy (lossy ones marked), default strength.
+    lengths: tokens/s vs gamma, static and adaptive draft lengths, vs the best static gamma per latency.
 
+    Every SpecMesh section also shows where a round's time goes (as `specmesh run --profile`).
     Writes OUT/results.json (raw figures, machine, versions, links, seed), OUT/report.md, OUT/*.png.
     Examples: `specmesh bench --quick` (CI); `specmesh bench --models bundled --scenario hf`.
     """
     from specmesh.benchmarks import options as bench_options
     from specmesh.benchmarks import suite
 
+    split = bench_options.split_list
     try:
         options = bench_options.BenchOptions(
             out=out, scenarios=tuple(scenario or bench_options.SCENARIOS), models=models, quick=quick,
             repeats=repeats, problems=_int_list("--problems", problems), max_new_tokens=max_new_tokens,
             temperature=temperature, bandwidth_mbps=bandwidth_mbps, seed=seed, threads=threads, dtype=dtype,
+            policies=split("--policies", policies, str) if policies is not None else None,
+            strengths=split("--strengths", strengths, float) if strengths is not None else (),
+            baseline=baseline,
+            latencies_ms=split("--latencies", latencies, float) if latencies is not None else None,
+            gammas=split("--gammas", gammas, int) if gammas is not None else None,
+            adaptive=split("--adaptive", adaptive, str) if adaptive is not None else None,
             cache_dir=str(cache_dir) if cache_dir else None, command="specmesh " + " ".join(sys.argv[1:]),
         )
     except ValueError as exc:

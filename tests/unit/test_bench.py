@@ -17,7 +17,7 @@ from specmesh.cluster.topology import load_topology, single_machine
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MIN_PNG_BYTES = 10_000  # a plot with axes, lines and labels; an empty canvas is a few hundred bytes
-PLOTTED = ("latency", "gamma", "sparsifier", "hf")  # quality is skipped on tokenizer-less tiny models
+PLOTTED = ("latency", "gamma", "sparsifier", "hf", "lengths")  # quality is skipped on tokenizer-less tiny models
 
 
 def _no_nan(token):
@@ -63,7 +63,7 @@ def test_results_json_has_every_figure_and_its_context(bench):
 def test_raw_runs_are_consistent(bench):
     _, data = bench
     sections = [*data["scenarios"]["latency"]["points"], data["scenarios"]["gamma"],
-                data["scenarios"]["sparsifier"]]
+                data["scenarios"]["sparsifier"], *data["scenarios"]["lengths"]["points"]]
     for section in sections:
         labels = [v["label"] for v in section["variants"]]
         runs = section["runs"]
@@ -128,12 +128,36 @@ def test_ratios_follow_from_raw_figures(bench):
         assert hf["summary"]["all"]["specmesh / hf-assisted"]["values"][r] == pytest.approx(a / b, rel=1e-9)
 
 
+def test_every_specmesh_section_shows_the_round_profile(bench):
+    out, data = bench
+    text = (out / "report.md").read_text()
+    for name in ("latency", "gamma", "sparsifier", "hf", "lengths"):
+        body = next(b for b in text.split("\n## ")[1:] if b.startswith(name + ":"))
+        assert "| variant | rounds | round | draft | stages | links | codec | rest | limit |" in body, name
+    point = data["scenarios"]["latency"]["points"][-1]  # the last point: most stages, most latency
+    runs = [r for r in point["runs"] if r["variant"] == "specmesh"]
+    wall = sum(r["profile_ms"]["wall"] for r in runs)
+    rounds = sum(r["rounds"] for r in runs)
+    limit = sum(r["profile_ms"]["limit"] for r in runs)
+    row = (f"| {point['num_stages']} st, {point['latency_ms']:g} ms: specmesh | {rounds} | {wall / rounds:.1f} |")
+    assert row in text and f"| {limit / rounds:.1f} | {limit / wall:.2f} |" in text
+    for r in runs:  # the parts of a round add up to its time; the links are the modelled delay
+        p = r["profile_ms"]
+        assert p["draft"] + p["stages"] + p["links"] + p["codec"] + p["rest"] == pytest.approx(p["wall"])
+        assert p["links"] > 0
+
+
 def test_tiny_fp32_outputs_are_lossless(bench):
     _, data = bench
     sc = data["scenarios"]
     for p in sc["latency"]["points"]:
         assert p["summary"]["specmesh"]["same_output_as_baseline"]
     assert all(s["same_output_as_baseline"] for s in sc["gamma"]["summary"].values())
+    for p in sc["lengths"]["points"]:  # greedy: every draft length writes the same text
+        outs = {}
+        for r in p["runs"]:
+            outs.setdefault((r["prompt_id"], r["repeat"]), set()).add(tuple(r["output_ids"]))
+        assert all(len(o) == 1 for o in outs.values())
     for entry in sc["hf"]["identity"]:
         assert entry["specmesh vs target-only"]["identical"]
         assert entry["target-only vs hf-greedy"]["identical"], "target-only must equal transformers greedy"

@@ -1,0 +1,99 @@
+"""The ``lengths`` scenario of ``specmesh bench``: tokens/s against the draft length, static and adaptive.
+
+At each per-hop latency (one engine each, in process, the link model delaying every hop) the static
+gammas of the sweep and every adaptive draft-length policy run side by side on the same prompts and
+seeds. :func:`compare_to_best_static` finds the best static gamma of the sweep and where each
+variant lands relative to it (the issue's goal: an adaptive policy within 5% of it, without being told
+the links). No target-only baseline runs: the best static gamma is the reference.
+"""
+from __future__ import annotations
+
+import math
+
+from specmesh.cluster.compare import Variant
+
+from .options import Grid, problem_seed
+from .runner import Bench, config_dict, stat
+
+STATIC = "fixed"
+WITHIN = 0.95  # the goal: an adaptive policy's tokens/s at least this share of the best static gamma's
+
+
+def variants(grid: Grid) -> list[Variant]:
+    """The static sweep (``fixed gamma=g``), then each adaptive policy starting at ``lengths_start_gamma``."""
+    out = [Variant(f"{STATIC} gamma={g}", {"draft_length": STATIC, "gamma": g}) for g in grid.lengths_gammas]
+    out += [Variant(name, {"draft_length": name, "gamma": grid.lengths_start_gamma})
+            for name in grid.lengths_adaptive]
+    return out
+
+
+def scenario_lengths(b: Bench) -> dict:
+    """Tokens/s of every static gamma and adaptive policy, per per-hop latency."""
+    grid = b.grid
+    prompts, n_tokens = b.prompts("lengths"), b.tokens("lengths")
+    temperature = b.options.temperature_of("lengths")
+    # a prompt's index: its HumanEval index (real pair) or its place among the random prompts (tiny)
+    indices = list(b.options.problems) if b.options.models != "tiny" else list(range(len(prompts)))
+    runs, points = variants(grid), []
+    for lat in grid.lengths_latencies_ms:
+        engine, topo, path = b.engine(grid.lengths_stages, lat)
+        m = b.measure(f"lengths: {lat:g} ms/hop", engine, prompts, runs,
+                      common={"max_new_tokens": n_tokens, "temperature": temperature},
+                      seeds=lambda i, r: problem_seed(b.options.seed, indices[i], r))
+        add_mean_gamma(m)
+        point = {"latency_ms": lat, "links": topo.describe_links(), "topology_file": str(path),
+                 "config": config_dict(engine), **m}
+        point["best_static"] = compare_to_best_static(point)
+        best = point["best_static"]
+        ratios = ", ".join(f"{v.label} {point['summary'][v.label]['vs_best_static']['mean']:.2f}x"
+                           for v in runs if v.overrides["draft_length"] != STATIC
+                           and point["summary"][v.label]["vs_best_static"]["mean"] is not None)
+        b.console.print(f"  lengths {lat:>5g} ms: best static gamma {best['gamma']} "
+                        f"({best['tokens_per_s']:.2f} tok/s); {ratios}")
+        points.append(point)
+    return {"prompts": [p for p, _ in prompts], "max_new_tokens": n_tokens, "temperature": temperature,
+            "num_stages": grid.lengths_stages, "gammas": list(grid.lengths_gammas),
+            "adaptive": list(grid.lengths_adaptive), "start_gamma": grid.lengths_start_gamma,
+            "within": WITHIN, "bandwidth_mbps": b.options.bandwidth_mbps, "points": points}
+
+
+def add_mean_gamma(measured: dict) -> None:
+    """Adds ``mean_gamma`` (drafted tokens per round, per repetition, as :func:`~.runner.stat`) to
+    every variant's summary: where an adaptive policy's draft length actually sat."""
+    for v in measured["variants"]:
+        per = []
+        for r in range(measured["repeats"]):
+            mine = [x for x in measured["runs"] if x["variant"] == v["label"] and x["repeat"] == r]
+            rounds = sum(x["rounds"] for x in mine)
+            per.append(sum(x["drafted"] for x in mine) / rounds if rounds else None)
+        measured["summary"][v["label"]]["mean_gamma"] = stat(per)
+
+
+def compare_to_best_static(point: dict) -> dict | None:
+    """The best static gamma of one latency's sweep, and every variant's tokens/s relative to it.
+
+    The best is the static variant (``draft_length`` ``fixed``) of highest mean tokens/s. Each
+    variant's summary gets ``vs_best_static``: its tokens/s over the best's, within each repetition,
+    as :func:`~.runner.stat`, and ``within_goal`` (that ratio's mean >= :data:`WITHIN`). Returns
+    ``label``, ``gamma`` and ``tokens_per_s`` of the best, or None when no static gamma ran.
+    """
+    summary = point["summary"]
+    static = [v for v in point["variants"] if v["overrides"].get("draft_length") == STATIC]
+    measured = [v for v in static if summary[v["label"]]["tokens_per_s"]["mean"] is not None]
+    if not measured:
+        return None
+    best = max(measured, key=lambda v: summary[v["label"]]["tokens_per_s"]["mean"])
+    ref = summary[best["label"]]["tokens_per_s"]["values"]
+    for v in point["variants"]:
+        s = summary[v["label"]]
+        ratios = [a / c if _finite(a) and _finite(c) and c > 0 else None
+                  for a, c in zip(s["tokens_per_s"]["values"], ref)]
+        s["vs_best_static"] = stat(ratios)
+        mean = s["vs_best_static"]["mean"]
+        s["within_goal"] = None if mean is None else mean >= WITHIN
+    return {"label": best["label"], "gamma": best["overrides"]["gamma"],
+            "tokens_per_s": summary[best["label"]]["tokens_per_s"]["mean"]}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
