@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specmesh.policies import split
 from specmesh.policies.sparsify import Sparsifier, make_sparsifier
 from specmesh.runtime import sampling
-from specmesh.runtime.messages import DraftProposal, OpenSession, ProposeRequest, SamplingParams
-from specmesh.runtime.sparse import SparseDist, quantise_fp16
+from specmesh.runtime.messages import DraftProposal, OpenSession, ProposeRequest, SamplingParams, VerifyResult
+from specmesh.runtime.sparse import SparseDist, normalised, quantise_fp16
 from specmesh.runtime.tree import sample_siblings
 
 from . import hf
@@ -38,6 +39,7 @@ class _DraftSession:
     params: SamplingParams
     sparsifier: Sparsifier
     cache: object
+    split: bool = False  # split verification: ship q(x) per candidate, keep the rows, draw corrections
     cached: list[int] = field(default_factory=list)  # tokens whose keys/values are in the cache
     last_logits: torch.Tensor | None = None  # [V] after cached[-1]
     committed: list[int] = field(default_factory=list)  # committed tokens told so far
@@ -84,7 +86,8 @@ class DraftWorker:
     def open(self, msg: OpenSession) -> None:
         """Creates the session's state; a bad sparsifier name or option fails here, not mid-round."""
         sparsifier = make_sparsifier(msg.policy)
-        self.sessions[msg.session_id] = _DraftSession(msg.params, sparsifier, self.model.new_cache())
+        splits = split.verification_mode(msg.policy) == split.SPLIT
+        self.sessions[msg.session_id] = _DraftSession(msg.params, sparsifier, self.model.new_cache(), splits)
 
     def close(self, session_id: str) -> dict[str, int]:
         """Frees the session; returns its drafting counters."""
@@ -119,7 +122,13 @@ class DraftWorker:
             tokens.extend(d.tokens)
             parents.extend([main] * len(d.tokens))
             main = first
-        q = SparseDist.concat([d.q for d in s.depths]) if s.depths else SparseDist.empty(self.vocab_size)
+        q = self._shipped_q(s)
+        q_x = None
+        if s.split:  # q(x) of each candidate under its row, exactly as target-side verification reads it
+            if req.width > 1:
+                raise ValueError(f"split verification verifies chains only, got width {req.width}")
+            q_x = normalised(q).prob_of(torch.tensor(tokens, dtype=torch.int64)) if s.depths else torch.zeros(0)
+            q = SparseDist.empty(self.vocab_size)
         return DraftProposal(
             session_id=req.session_id,
             round=req.round,
@@ -130,7 +139,30 @@ class DraftWorker:
             parents=parents if req.width > 1 else [],
             prev_path=list(req.prev_path),
             draft_ms=draft_ms,
+            q_x=q_x,
         )
+
+    def resolve(self, verdict: VerifyResult) -> int:
+        """Split verification: the correction of a verdict rejected at ``j = verdict.accepted``,
+        drawn from ``norm(max(p_j - q_j, 0))`` with the ``q_j`` this worker sampled ``x_j`` from and
+        the verifier's generator for the round (``split.correction_generator``), so the token is the
+        one target-side verification would have drawn."""
+        s = self._session(verdict.session_id)
+        if verdict.round != s.last_round or verdict.correction_p is None:
+            raise ValueError(f"no correction pending for round {verdict.round} of session "
+                             f"{verdict.session_id} (last proposal: round {s.last_round})")
+        j, drafted = verdict.accepted, [d.tokens[0] for d in s.depths]
+        if j >= len(drafted) or list(verdict.tokens) != drafted[:j] or any(len(d.tokens) > 1 for d in s.depths):
+            raise ValueError(f"verdict accepts {verdict.tokens} at depth {j}; round {s.last_round} drafted "
+                             f"the chain {drafted}")
+        q_row = normalised(self._shipped_q(s)).row(j)  # the row target-side verification would use
+        # The proposal was drafted after the committed tokens: the round's base position.
+        gen = split.correction_generator(s.params.seed, len(s.committed), len(drafted), s.params.temperature)
+        return split.draw_correction(verdict.correction_p, q_row, gen, s.params.temperature)
+
+    def _shipped_q(self, s: _DraftSession) -> SparseDist:
+        """The last proposal's q rows, as target-side verification ships them."""
+        return SparseDist.concat([d.q for d in s.depths]) if s.depths else SparseDist.empty(self.vocab_size)
 
     def speculate(self, session_id: str, gamma: int, width: int = 1, budget_ms: float | None = None) -> None:
         """While the last proposal is verified, drafts the next round as if it were fully accepted
@@ -215,12 +247,16 @@ class DraftWorker:
             keep += 1
         hf.truncate_cache(s.cache, keep)
         s.cached = s.cached[:keep]
-        for start, stop in self._chunks(s, keep, n):
-            ids = torch.tensor(context[start:stop], dtype=torch.int64)
-            hidden = hf.forward(self.model, s.cache, input_ids=ids, position_ids=torch.arange(start, stop))
-            s.cached.extend(context[start:stop])
-        s.last_logits = hf.lm_head(self.model, hidden[-1:])[0]
+        s.last_logits = self._feed(s, context, keep, n)
         return s.last_logits
+
+    def _feed(self, s: _DraftSession, context: list[int], start: int, stop: int) -> torch.Tensor:
+        """Feeds ``context[start:stop]`` after the cached prefix; the logits ``[V]`` after the last."""
+        for a, b in self._chunks(s, start, stop):
+            ids = torch.tensor(context[a:b], dtype=torch.int64)
+            hidden = hf.forward(self.model, s.cache, input_ids=ids, position_ids=torch.arange(a, b))
+            s.cached.extend(context[a:b])
+        return hf.lm_head(self.model, hidden[-1:])[0]
 
     def _chunks(self, s: _DraftSession, start: int, stop: int) -> list[tuple[int, int]]:
         """How positions ``start..stop`` are fed: in one forward when the model's outputs do not

@@ -13,18 +13,20 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ray
 import torch
 
 from specmesh.runtime import codec
-from specmesh.runtime.messages import ErrorMessage, OpenSession, ProposeRequest
+from specmesh.runtime.batching import MicroBatcher
+from specmesh.runtime.messages import ErrorMessage, OpenSession, ProposeRequest, VerifyResult
 from specmesh.runtime.traffic import TrafficMeter
 
 from . import hf
 from .cheap_draft import make_cheaper
-from .draft import DraftWorker
+from .batched_draft import BatchedDraftWorker, make_draft_worker
 from .models import resolve
 from .stage import TargetStage
 
@@ -41,6 +43,8 @@ class WorkerSpec:
         cache_dir: model cache on the actor's node (None: the node's default).
         cores: the CPU cores the actor pins itself to (its node's, from the topology); None: any.
         draft_quant / draft_head_rows: the draft's economies (``actors/cheap_draft.py``).
+        batch_sessions: most concurrent sessions whose messages the actor serves with one forward
+            (batched rounds, ``runtime/batching.py``); 1 = off.
     """
 
     model: str
@@ -51,6 +55,7 @@ class WorkerSpec:
     cores: tuple[int, ...] | None = None
     draft_quant: str = "none"
     draft_head_rows: int = 0
+    batch_sessions: int = 1
 
     def __post_init__(self) -> None:
         if self.cores is not None and self.threads > len(self.cores):
@@ -183,8 +188,24 @@ class DraftActor(_Base):
                  outbound: InboundLink | None = None) -> None:
         model = _load(spec)
         super().__init__(model.vocab_size, None, outbound)
-        self.worker = DraftWorker(model)
+        self.worker = make_draft_worker(model, None, spec.batch_sessions)
         self.by_reference = by_reference  # hand proposals on by reference (see _hand_on)
+        # A batched draft drafts each session in a thread of its own, so that sessions' depths meet
+        # in one forward; calls for one session still run one after another, in arrival order.
+        batching = isinstance(self.worker, BatchedDraftWorker)
+        self._pool = ThreadPoolExecutor(2 * spec.batch_sessions, "draft-batch") if batching else None
+        self._order: dict[str, asyncio.Lock] = {}
+
+    def batch_stats(self) -> dict[int, int]:
+        """How many draft forwards ran of each batch size; empty when the draft is not batched."""
+        return self.worker.batch_stats() if self._pool is not None else {}
+
+    async def _in_order(self, session_id: str, fn, *args):
+        """``fn(*args)`` in this session's turn: directly, or in a thread when batching."""
+        if self._pool is None:
+            return fn(*args)
+        async with self._order.setdefault(session_id, asyncio.Lock()):  # FIFO: arrival order
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def ready(self) -> dict:
         return {"vocab_size": self.vocab_size, **self.node_info()}
@@ -193,17 +214,27 @@ class DraftActor(_Base):
         self.worker.open(_opened(data, self.vocab_size))
 
     def close(self, session_id: str) -> dict:
+        self._order.pop(session_id, None)
         return self.worker.close(session_id)
 
-    def speculate(self, session_id: str, gamma: int, width: int, budget_ms: float | None = None) -> None:
+    async def speculate(self, session_id: str, gamma: int, width: int, budget_ms: float | None = None) -> None:
         try:
-            self.worker.speculate(session_id, gamma, width, budget_ms)
+            await self._in_order(session_id, self.worker.speculate, session_id, gamma, width, budget_ms)
         except Exception:  # speculation is an optimisation: a failure only means no reuse
             pass
 
-    def propose(self, req: ProposeRequest) -> bytes | ray.ObjectRef:
+    def resolve(self, data: bytes) -> int:
+        """Split verification: the correction token of a pending verdict (its codec frame)."""
+        if not isinstance(data, bytes):
+            raise TypeError(f"resolve takes an encoded VerifyResult frame (bytes), got {type(data).__name__}")
+        msg = codec.decode(data, vocab_size=self.vocab_size)
+        if not isinstance(msg, VerifyResult):
+            raise codec.ProtocolError(f"resolve takes a VerifyResult frame, got {type(msg).__name__}")
+        return self.worker.resolve(msg)
+
+    async def propose(self, req: ProposeRequest) -> bytes | ray.ObjectRef:
         try:
-            frame = self._send(self.worker.propose(req))
+            frame = self._send(await self._in_order(req.session_id, self.worker.propose, req))
         except Exception as exc:  # answered, not raised: the round fails, the actor keeps serving
             frame = _error(req, type(exc).__name__, f"draft: {exc}")
         return _hand_on(frame, self.by_reference)
@@ -221,9 +252,18 @@ class StageActor(_Base):
         self.worker = TargetStage(model, vocab=lambda: hf.vocab_strings(
             hf.load_tokenizer(resolve(spec.model, spec.cache_dir)), model.vocab_size))
         self.by_reference = by_reference  # hand frames on by reference (see _hand_on)
+        # Batched rounds: messages that arrive while a forward runs are served by the next one
+        # (TargetStage.step_many). Each waits in a thread of its own so the event loop stays free;
+        # twice the batch, so that a full batch can gather while one runs.
+        self._batcher = MicroBatcher(self.worker.step_many, spec.batch_sessions) if spec.batch_sessions > 1 else None
+        self._pool = ThreadPoolExecutor(2 * spec.batch_sessions, "stage-batch") if self._batcher else None
 
     def ready(self) -> dict:
         return {"vocab_size": self.vocab_size, "layers": list(self.worker.model.layers), **self.node_info()}
+
+    def batch_stats(self) -> dict[int, int]:
+        """How many forwards ran of each batch size (``{sessions: count}``); empty when off."""
+        return self._batcher.stats() if self._batcher is not None else {}
 
     def open(self, data: bytes) -> None:
         self.worker.open(_opened(data, self.vocab_size))
@@ -248,7 +288,10 @@ class StageActor(_Base):
         if isinstance(msg, ErrorMessage):
             return data
         try:
-            return self._send(self.worker.step(msg))
+            if self._batcher is None:
+                return self._send(self.worker.step(msg))
+            out = await asyncio.get_running_loop().run_in_executor(self._pool, self._batcher.submit, msg)
+            return self._send(out)  # each session's frame is encoded and counted on its own
         except Exception as exc:
             where = f"stage {self.worker.model.layers} after {1e3 * (time.perf_counter() - t_arrive):.0f} ms"
             return _error(msg, type(exc).__name__, f"{where}: {exc}")

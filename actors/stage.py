@@ -16,11 +16,12 @@ from typing import Callable, Sequence
 
 from specmesh.policies.acceptance import AcceptanceRule, verify_round
 from specmesh.policies.catalog import make_rule
+from specmesh.policies.split import verification_mode, verify_split
 from specmesh.runtime import sampling
 from specmesh.runtime.messages import DraftProposal, OpenSession, SamplingParams, StageFrame, VerifyResult
 from specmesh.runtime.tree import TokenTree, accepted_slots, tree_attention_mask, tree_position_ids
 
-from . import hf
+from . import batched, hf
 
 
 @dataclass
@@ -61,6 +62,7 @@ class TargetStage:
             if wants_vocab and self._vocab is None and self._vocab_loader is not None:
                 self._vocab = self._vocab_loader()
             rule = make_rule(msg.policy, self._vocab)
+            verification_mode(msg.policy)  # a bad placement fails here, not mid-round
         self.sessions[msg.session_id] = _StageSession(msg.params, rule, self.model.new_cache())
 
     def close(self, session_id: str) -> None:
@@ -71,11 +73,82 @@ class TargetStage:
 
     def step(self, msg: DraftProposal | StageFrame) -> StageFrame | VerifyResult:
         """Processes one round's message: a proposal (first stage) or a frame (later stages)."""
+        t0 = time.perf_counter()
+        s, proposal, positions, mask = self._admit(msg)
+        hidden = self._forward_alone(self._fed(msg, s, proposal, positions, mask))
+        if isinstance(hidden, Exception):
+            raise hidden
+        return self._finish(s, proposal, msg, hidden, t0)
+
+    def step_many(self, msgs: Sequence[DraftProposal | StageFrame]) -> list:
+        """Processes several sessions' round messages with one forward (batched rounds).
+
+        Per session the same as :meth:`step` (its own rollback, positions, tree mask and verdict),
+        up to float rounding; one message alone takes :meth:`step` itself.
+
+        Returns:
+            per message, in order, what :meth:`step` returns for it, or the exception it raised
+            there: a bad message fails only itself.
+        """
+        if len(msgs) == 1:
+            try:
+                return [self.step(msgs[0])]
+            except Exception as exc:
+                return [exc]
+        out: list = [None] * len(msgs)
+        admitted, seen = [], set()
+        t0 = time.perf_counter()
+        for i, msg in enumerate(msgs):
+            try:
+                sid = (msg if isinstance(msg, DraftProposal) else msg.proposal).session_id
+                if sid in seen:
+                    raise ValueError(f"two rounds of session {sid!r} in one batch")
+                admitted.append((i, msg, *self._admit(msg)))
+                seen.add(sid)
+            except Exception as exc:
+                out[i] = exc
+        fed = [self._fed(msg, s, proposal, positions, mask) for _, msg, s, proposal, positions, mask in admitted]
+        try:
+            hiddens: list = batched.forward_many(self.model, fed)
+        except Exception:  # one bad input (e.g. hidden states of the wrong width) fails only itself
+            hiddens = [self._forward_alone(f) for f in fed]
+        for (i, msg, s, proposal, _, _), hidden in zip(admitted, hiddens):
+            try:
+                if isinstance(hidden, Exception):
+                    raise hidden
+                out[i] = self._finish(s, proposal, msg, hidden, t0)
+            except Exception as exc:
+                out[i] = exc
+        return out
+
+    def federated_p(self, msg: DraftProposal | StageFrame) -> tuple[DraftProposal, torch.Tensor, list[float]]:
+        """SpecFed: the last stage of a federated worker runs the round as :meth:`step` does but
+        answers its warped p rows instead of a verdict; the aggregator on the device verifies the
+        draft against the weighted average of every worker's p.
+
+        Returns:
+            the proposal, ``p`` ``[g + 1, V]`` float32 after the session's warpers (row 0 after the
+            last context token, row ``1 + i`` after candidate ``i``) and the stage times so far.
+        """
+        if not self.model.is_last:
+            raise ValueError(f"stage holding layers {self.model.layers} is not a last stage: use step")
+        t0 = time.perf_counter()
+        s, proposal, positions, mask = self._admit(msg)
+        hidden = self._forward_alone(self._fed(msg, s, proposal, positions, mask))
+        if isinstance(hidden, Exception):
+            raise hidden
+        logits = hf.lm_head(self.model, hidden[-(proposal.num_candidates + 1):])  # [g + 1, V]
+        p = s.params
+        probs = sampling.warp_logits(logits, p.temperature, p.top_k, p.top_p)  # [g + 1, V]
+        prior_ms = [] if isinstance(msg, DraftProposal) else list(msg.stage_ms)
+        return proposal, probs, prior_ms + [(time.perf_counter() - t0) * 1e3]
+
+    def _admit(self, msg: DraftProposal | StageFrame):
+        """:meth:`step` up to the forward: checks, rollback, layout -> (session, proposal,
+        positions ``[n]``, tree mask or None)."""
         proposal = msg if isinstance(msg, DraftProposal) else msg.proposal
         if isinstance(msg, DraftProposal) != self.model.is_first:
-            raise ValueError(
-                f"stage holding layers {self.model.layers} got a {type(msg).__name__}"
-            )
+            raise ValueError(f"stage holding layers {self.model.layers} got a {type(msg).__name__}")
         s = self._session(proposal.session_id)
         if proposal.round <= s.last_round:
             raise ValueError(
@@ -84,25 +157,37 @@ class TargetStage:
         if not proposal.context:
             raise ValueError("a round must carry at least one uncached context token")
         s.last_round = proposal.round
-        t0 = time.perf_counter()
         self._rollback(s, proposal)
         positions, mask = self._layout(proposal, self.model.dtype)
+        return s, proposal, positions, mask
+
+    def _fed(self, msg, s: _StageSession, proposal: DraftProposal, positions: torch.Tensor,
+             mask: torch.Tensor | None) -> batched.Fed:
         if self.model.is_first:
             ids = torch.cat([torch.tensor(proposal.context, dtype=torch.int64), proposal.candidates])
-            hidden = hf.forward(self.model, s.cache, input_ids=ids, position_ids=positions, attention_mask=mask)
-        else:
-            hidden = hf.forward(self.model, s.cache, hidden=msg.hidden, position_ids=positions, attention_mask=mask)
+            return batched.Fed(s.cache, positions, mask, input_ids=ids)
+        return batched.Fed(s.cache, positions, mask, hidden=msg.hidden)
+
+    def _forward_alone(self, f: batched.Fed) -> torch.Tensor | Exception:
+        try:
+            kw = {"input_ids": f.input_ids} if self.model.is_first else {"hidden": f.hidden}
+            return hf.forward(self.model, f.cache, position_ids=f.positions, attention_mask=f.mask, **kw)
+        except Exception as exc:
+            return exc
+
+    def _finish(self, s: _StageSession, proposal: DraftProposal, msg, hidden: torch.Tensor,
+                t0: float) -> StageFrame | VerifyResult:
+        """:meth:`step` after the forward: the next stage's frame, or the verdict."""
         prior_ms = [] if isinstance(msg, DraftProposal) else list(msg.stage_ms)
         if not self.model.is_last:
-            ms = (time.perf_counter() - t0) * 1e3
-            return StageFrame(proposal, hidden, prior_ms + [ms])
+            return StageFrame(proposal, hidden, prior_ms + [(time.perf_counter() - t0) * 1e3])
         verdict = self._verify(s, proposal, hidden)
-        ms = (time.perf_counter() - t0) * 1e3
         return VerifyResult(
             session_id=proposal.session_id, round=proposal.round, accepted=verdict.accepted,
             tokens=verdict.tokens, accepted_mask=verdict.accepted_mask,
             path=list(getattr(verdict, "path", [])) if proposal.parents else [],
-            stage_ms=prior_ms + [ms], draft_ms=proposal.draft_ms,
+            stage_ms=prior_ms + [(time.perf_counter() - t0) * 1e3], draft_ms=proposal.draft_ms,
+            correction_p=getattr(verdict, "correction_p", None),
         )
 
     def _rollback(self, s: _StageSession, proposal: DraftProposal) -> None:
@@ -135,11 +220,11 @@ class TargetStage:
         logits = hf.lm_head(self.model, hidden[-(g + 1) :])  # [g + 1, V]
         p = s.params
         gen = sampling.generator_for(p.seed, sampling.STREAM_VERIFY, proposal.base)
+        warp = lambda raw: sampling.warp_logits(raw, p.temperature, p.top_k, p.top_p)  # noqa: E731
+        if proposal.split:  # DSSD: accept tests on q(x) alone; at a rejection p_j goes down
+            return verify_split(s.rule, proposal.candidates, proposal.q_x, logits, p, gen, warp)
         tree = TokenTree(proposal.candidates, proposal.parents) if proposal.parents else TokenTree.chain(proposal.candidates)
-        return verify_round(
-            s.rule, tree, proposal.q, logits, p, gen,
-            lambda raw: sampling.warp_logits(raw, p.temperature, p.top_k, p.top_p),
-        )
+        return verify_round(s.rule, tree, proposal.q, logits, p, gen, warp)
 
     def _session(self, session_id: str) -> _StageSession:
         try:

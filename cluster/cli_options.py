@@ -30,6 +30,10 @@ DraftLength = Annotated[Optional[str], typer.Option(
 Acceptance = Annotated[Optional[str], typer.Option(
     help="Acceptance policy: exact (lossless, the default) | importance | typical | fly (LOSSY: faster, "
          "output no longer distributed as the target's; chains only).")]
+Verification = Annotated[Optional[str], typer.Option(
+    help="Where verification runs: target (the edge, against the q rows sent up) | split (DSSD: only q(x) "
+         "per drafted token goes up, the edge sends p down at a rejection, the device draws the "
+         "correction; lossless; chains only). [default: target]")]
 PolicyOption = Annotated[Optional[list[str]], typer.Option(
     "--option", help="A policy knob KEY=VALUE, repeatable (e.g. importance_strength=0.5, typical_eps=0.09).")]
 Temperature = Annotated[Optional[float], typer.Option(help="0 = greedy. [default: 0]")]
@@ -43,6 +47,8 @@ Dtype = Annotated[Optional[str], typer.Option(
 DraftQuant = Annotated[Optional[str], typer.Option(
     help="Draft weights: int8 (dynamic int8, ~2.4x cheaper on CPU; lossless) | none. [default: int8]")]
 Threads = Annotated[Optional[int], typer.Option(help="Torch threads per worker. [default: one per core its node owns]")]
+BatchSessions = Annotated[Optional[int], typer.Option(
+    help="Most concurrent sessions a target stage verifies in one forward (1 = off). [default: 16]")]
 CacheDir = Annotated[Optional[str], typer.Option(help="Model cache. [default: $SPECMESH_CACHE or the user cache dir]")]
 
 
@@ -98,10 +104,11 @@ ENGINE_OPTIONS = (
     ("topology", Topology, None), ("backend", Backend, "inproc"), ("target", Target, None),
     ("draft", Draft, None), ("no_draft", NoDraft, False), ("stages", Stages, None), ("gamma", Gamma, None),
     ("tree_width", TreeWidth, None), ("draft_length", DraftLength, None), ("acceptance", Acceptance, None),
+    ("verification", Verification, None),
     ("option", PolicyOption, None), ("temperature", Temperature, None), ("top_p", TopP, None),
     ("sparsifier", Sparsifier, None), ("sparse_k", SparseK, None), ("max_new_tokens", MaxNewTokens, None),
     ("seed", Seed, None), ("dtype", Dtype, None), ("draft_quant", DraftQuant, None),
-    ("threads", Threads, None), ("cache_dir", CacheDir, None),
+    ("threads", Threads, None), ("cache_dir", CacheDir, None), ("batch_sessions", BatchSessions, None),
 )
 # Option name -> SpecConfig field, where they differ.
 _FIELD = {"stages": "num_stages"}

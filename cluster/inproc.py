@@ -9,18 +9,22 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+
 from specmesh.actors import hf
+from specmesh.actors.batched_draft import make_draft_worker
 from specmesh.actors.cheap_draft import make_cheaper
 from specmesh.actors.draft import DraftWorker
 from specmesh.actors.models import resolve
 from specmesh.actors.stage import TargetStage
 from specmesh.runtime import codec
+from specmesh.runtime.batching import MicroBatcher
 from specmesh.runtime.config import SpecConfig
 from specmesh.runtime.interfaces import Backend, ModelInfo
 from specmesh.runtime.messages import OpenSession, ProposeRequest, VerifyResult
 from specmesh.runtime.traffic import DOWNLINK, UPLINK, TrafficMeter
 
-from . import links
+from . import federated_plan, links
 from .topology import Topology, load_topology, single_machine
 
 
@@ -42,7 +46,8 @@ def topology_for(config: SpecConfig) -> Topology:
 
 
 # Keys of a topology's [policies] table that are SpecConfig fields; the others are policy knobs.
-POLICY_FIELDS = ("acceptance", "draft_length", "sparsifier", "sparse_k", "sparse_mass", "gamma", "tree_width")
+POLICY_FIELDS = ("acceptance", "draft_length", "sparsifier", "sparse_k", "sparse_mass", "gamma", "tree_width",
+                 "verification")
 
 
 def config_from_topology(path: str, **overrides) -> SpecConfig:
@@ -51,6 +56,7 @@ def config_from_topology(path: str, **overrides) -> SpecConfig:
     topology = load_topology(path)
     base = dict(target=topology.models.target, draft=topology.models.draft,
                 num_stages=topology.num_stages, topology=str(path))
+    base.update(federated_plan.config_fields(path, topology.models.target))  # SpecFed's [federated]
     fields = {k: v for k, v in topology.policies.items() if k in POLICY_FIELDS}
     knobs = {k: v for k, v in topology.policies.items() if k not in POLICY_FIELDS}
     if knobs:
@@ -121,15 +127,32 @@ class InprocDrafter:
     def speculate(self, session_id: str, gamma: int, width: int, budget_ms: float | None) -> None:
         self.worker.speculate(session_id, gamma, width, budget_ms)
 
+    def resolve(self, verdict: VerifyResult) -> int:
+        return self.worker.resolve(verdict)  # the verdict already crossed the codec (downlink hop)
+
     def recover(self) -> bool:
         return False  # a worker in this process cannot die apart from it
 
 
 class InprocTarget:
-    def __init__(self, stages: list[TargetStage], hops: list[_Hop], wire: _Wire) -> None:
+    """The target stages in this process.
+
+    Args:
+        batch_sessions: most concurrent sessions (threads calling :meth:`verify`) whose rounds one
+            stage runs in one forward (``TargetStage.step_many``); 1 = off: every thread steps the
+            stage itself, as before batching existed.
+    """
+
+    def __init__(self, stages: list[TargetStage], hops: list[_Hop], wire: _Wire,
+                 batch_sessions: int = 1) -> None:
         self.stages = stages
         self.hops = hops  # device->stage0, stage0->stage1, ..., last->device
         self.wire = wire
+        self.batchers = [MicroBatcher(s.step_many, batch_sessions) for s in stages] if batch_sessions > 1 else None
+
+    def batch_stats(self) -> list[dict[int, int]]:
+        """Per stage, how many forwards ran of each batch size (``{sessions: count}``); empty when off."""
+        return [b.stats() for b in self.batchers] if self.batchers else []
 
     def open(self, msg: OpenSession) -> None:
         for s in self.stages:
@@ -144,9 +167,25 @@ class InprocTarget:
 
     def verify(self, proposal) -> VerifyResult:
         msg = proposal
-        for hop, stage in zip(self.hops, self.stages):
-            msg = stage.step(self.wire.cross(hop, msg))
+        for i, (hop, stage) in enumerate(zip(self.hops, self.stages)):
+            msg = self.wire.cross(hop, msg)  # each session's message crosses its own link
+            msg = stage.step(msg) if self.batchers is None else self.batchers[i].submit(msg)
         return self.wire.cross(self.hops[-1], msg)
+
+
+def load_drafter(config: SpecConfig, dtype: torch.dtype, target_dir, vocab_size: int) -> InprocDrafter | None:
+    """The configured draft in this process (None for target-only), checked against the target's
+    vocabulary and tokenizer; batched across sessions where it can be (``make_draft_worker``)."""
+    if config.draft is None:
+        return None
+    draft_dir = resolve(config.draft, config.cache_dir)
+    draft = make_cheaper(hf.load_stage(draft_dir, dtype=dtype), config.draft_quant, config.draft_head_rows)
+    check_vocab(draft.vocab_size, vocab_size, config)
+    if hf.has_tokenizer(draft_dir) and hf.has_tokenizer(target_dir):
+        from specmesh.actors.tokenizer_check import check_same_tokenizer
+
+        check_same_tokenizer(draft_dir, target_dir)
+    return InprocDrafter(make_draft_worker(draft, config.threads, config.batch_sessions))
 
 
 def round_hops(topology: Topology) -> list[_Hop]:
@@ -170,22 +209,13 @@ def build(config: SpecConfig) -> Backend:
     info = model_info(target_dir, total, tokenizer)
     vocab = lambda: hf.vocab_strings(tokenizer, info.vocab_size)  # noqa: E731 (decoded on demand)
     stages = [TargetStage(hf.load_stage(target_dir, r, dtype=dtype), config.threads, vocab) for r in split]
-    drafter = None
-    if config.draft is not None:
-        draft_dir = resolve(config.draft, config.cache_dir)
-        draft = make_cheaper(hf.load_stage(draft_dir, dtype=dtype), config.draft_quant, config.draft_head_rows)
-        check_vocab(draft.vocab_size, info.vocab_size, config)
-        if hf.has_tokenizer(draft_dir) and hf.has_tokenizer(target_dir):
-            from specmesh.actors.tokenizer_check import check_same_tokenizer
-
-            check_same_tokenizer(draft_dir, target_dir)
-        drafter = InprocDrafter(DraftWorker(draft, config.threads))
+    drafter = load_drafter(config, dtype, target_dir, info.vocab_size)
     traffic = TrafficMeter()
     hops = [
         _Hop(h.name, links.emulated(h.spec, topology.emulate, real_network=False), h.direction)
         for h in round_hops(topology)
     ]
-    target = InprocTarget(stages, hops, _Wire(traffic, info.vocab_size))
+    target = InprocTarget(stages, hops, _Wire(traffic, info.vocab_size), config.batch_sessions)
     return Backend(drafter, target, info, tokenizer, traffic, device_links=(hops[0].name, hops[-1].name),
                    num_stages=len(stages))
 

@@ -27,7 +27,7 @@ from specmesh.runtime.traffic import DOWNLINK, UPLINK, TrafficMeter, TrafficSnap
 from . import links
 from .inproc import check_vocab, model_info, round_hops, topology_for
 from .layout import check_threads
-from .placement import Placement, place, remove_placement_group
+from .placement import Placement, place, remove_placement_group, stand_in
 from .remote_calls import LOAD_TIMEOUT_S, ROUND_TIMEOUT_S, RemoteCalls, RemoteError, Pending, Worker
 
 __all__ = ["RemoteError", "build_local", "build_cluster", "shutdown", "call_latency"]
@@ -79,6 +79,11 @@ class RayDrafter:
         # Fire and forget: the actor runs it after propose, while the stages verify.
         self.actor.speculate.remote(session_id, gamma, width, budget_ms)
 
+    def resolve(self, verdict: VerifyResult) -> int:
+        # Driver and draft share the device node: the verdict crosses as a codec frame, not counted
+        # again (it was counted on the downlink).
+        return int(self.calls.call([self.worker], "resolve", codec.encode(verdict))[0])
+
     def propose(self, req: ProposeRequest) -> Pending:
         # An ObjectRef that the driver never fetches: it goes straight to stage 0.
         return Pending(self.actor.propose.remote(req), req.session_id, req.round)
@@ -125,10 +130,7 @@ class RayTarget:
         for stage in self.workers:
             ref = stage.handle.step.remote(ref)
             chain.append((stage, ref))
-        try:
-            data = ray.get(ref, timeout=self.calls.timeout_s)
-        except ray.exceptions.RayError as exc:  # GetTimeoutError included
-            raise self.calls.round_failed(chain, session_id, rnd, exc) from None
+        data = self.calls.await_chain(chain, session_id, rnd)
         delay_s = links.sleep_for(self.downlink, len(data))
         t0 = time.perf_counter()
         msg = codec.decode(data, vocab_size=self.vocab_size)
@@ -158,7 +160,7 @@ def _build(config: SpecConfig, cluster: bool) -> Backend:
     placement = place(topology, cluster)
     hops = round_hops(topology)
     mode = topology.emulate
-    calls = RemoteCalls(config.timeout_s)
+    calls = RemoteCalls(config.timeout_s, config.hop_timeout_s)
     workers: list[Worker] = []
     try:
         for i, layers in enumerate(split):
@@ -167,17 +169,22 @@ def _build(config: SpecConfig, cluster: bool) -> Backend:
             inbound = InboundLink(hop.name, hop.direction, None if link.is_ideal else link)
             threads, cores = compute(topology.stages[i])
             spec = WorkerSpec(config.target, (layers.start, layers.stop), config.dtype, threads,
-                              config.cache_dir, cores)
+                              config.cache_dir, cores, batch_sessions=config.batch_sessions)
             out = hops[i + 1]  # the next stage's inbound hop, or the downlink after the last stage
-            spawn = functools.partial(StageActor.options(**placement.options[i + 1]).remote, spec, inbound,
-                                      cluster, InboundLink(out.name, out.direction))
-            workers.append(Worker(f"stage{i}", spawn(), spawn=spawn))
+            args = (spec, inbound, cluster, InboundLink(out.name, out.direction))
+            spawn = functools.partial(StageActor.options(**placement.options[i + 1]).remote, *args)
+            spare = stand_in(topology, topology.stages[i]) if cluster else None
+            worker = Worker(f"stage{i}", spawn(), spawn=spawn)
+            if spare is not None:  # other nodes can host this stage once its own is gone
+                worker.stand_in = functools.partial(StageActor.options(**spare).remote, *args)
+                worker.needs = spare["resources"]
+            workers.append(worker)
         stages = list(workers)
         draft = None
         if config.draft is not None:
             threads, cores = compute(topology.device.name)
             spec = WorkerSpec(config.draft, None, config.dtype, threads, config.cache_dir, cores,
-                              config.draft_quant, config.draft_head_rows)
+                              config.draft_quant, config.draft_head_rows, config.batch_sessions)
             spawn = functools.partial(DraftActor.options(**placement.options[0]).remote, spec, cluster,
                                       InboundLink(hops[0].name, hops[0].direction))
             draft = Worker("draft", spawn(), spawn=spawn)

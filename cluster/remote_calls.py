@@ -1,13 +1,17 @@
 """Every remote wait of a Ray pipeline, with a deadline, and the replacement of failed workers.
 
 A wait that fails because a worker died or missed the deadline raises :class:`RemoteError` naming
-the worker (``role``), which the scheduler's recovery reads; :meth:`RemoteCalls.replace` starts a
-fresh actor like a failed one.
+the worker (``role``), which the scheduler's recovery reads. A round waits hop by hop when a per-hop
+deadline is set (:meth:`RemoteCalls.await_chain`): a stalled link or a stuck worker fails the hop's
+receiver within that hop's deadline. :meth:`RemoteCalls.replace` starts a fresh actor like a failed
+one: on its own node while that node lives, else on a node that can stand in for it (its ``stand_in``),
+else not at all (the generation then ends with its committed tokens).
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -22,6 +26,9 @@ LOAD_TIMEOUT_S = 900.0
 # A live actor answers an empty call in ~1 ms (a loaded machine: tens); one that does not within
 # this is dead, stuck or unreachable, and is replaced.
 ALIVE_PING_S = 2.0
+# How often a replacement that is not up yet looks at whether its node is still alive (Ray's own
+# health check decides when a node is dead: RAY_health_check_period_ms x ..._failure_threshold).
+NODE_POLL_S = 0.5
 _REASON_CHARS = 400  # how much of a Ray error a RemoteError quotes
 
 class RemoteError(WorkerFailure):
@@ -36,7 +43,9 @@ class Worker:
     role: str  # "draft", "stage0", ...
     handle: object  # the Ray actor handle
     info: dict = field(default_factory=dict)  # pid, node_id, ip, threads, ...
-    spawn: object = None  # () -> a new actor handle like this one (recovery)
+    spawn: object = None  # () -> a new actor handle like this one, on its own node (recovery)
+    stand_in: object = None  # () -> a new actor like this one on another node (its node is gone)
+    needs: dict = field(default_factory=dict)  # Ray resources a node must offer to stand in
 
     def __str__(self) -> str:
         if not self.info:
@@ -71,10 +80,13 @@ class RemoteCalls:
 
     Attributes:
         timeout_s: deadline of every wait after start-up (a round's verdict, open, close, counters).
+        hop_timeout_s: deadline of each hop of a round, from the previous hop's answer (None: the
+            round's deadline alone).
     """
 
-    def __init__(self, timeout_s: float = ROUND_TIMEOUT_S) -> None:
+    def __init__(self, timeout_s: float = ROUND_TIMEOUT_S, hop_timeout_s: float | None = None) -> None:
         self.timeout_s = timeout_s
+        self.hop_timeout_s = hop_timeout_s
         self.unresponsive: set[str] = set()  # roles of workers that died or missed a deadline
         self._replacing = threading.Lock()  # one replacement at a time, whichever session asks
 
@@ -121,6 +133,35 @@ class RemoteCalls:
             log.warning("%s (ignored: cleaning up after a failure)", exc)
         return answers
 
+    def await_chain(self, chain: list[tuple[Worker, ray.ObjectRef]], session_id: str, rnd: int) -> bytes:
+        """The last hop's answer (the verdict frame) of a round whose messages travel ``chain``, one
+        ``(receiver, its answer)`` per hop in order, within the round's deadline and, when
+        ``hop_timeout_s`` is set, each hop's: the hop's clock starts when the previous hop answered.
+
+        Raises:
+            RemoteError: naming the receiver of the first hop that missed its deadline (a stalled
+                link, a stuck worker or an unreachable node), or the worker that died.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        if self.hop_timeout_s is not None:
+            for k, (worker, ref) in enumerate(chain):
+                left = deadline - time.monotonic()
+                # Where the answer lies, not fetched: frames go actor to actor (see round_failed).
+                done, _ = ray.wait([ref], timeout=max(0.0, min(self.hop_timeout_s, left)), fetch_local=False)
+                if done:
+                    continue
+                if left <= self.hop_timeout_s:
+                    break  # the round's own deadline came first: round_failed says so below
+                self.unresponsive.add(worker.role)
+                sender = chain[k - 1][0].role if k else "the driver"
+                raise RemoteError(f"round {rnd} of session {session_id}: the hop {sender} -> {worker} "
+                                  f"missed its {self.hop_timeout_s:g} s deadline ({worker.role} is stuck, "
+                                  "its link stalled, or its node is unreachable)", worker.role)
+        try:
+            return ray.get(chain[-1][1], timeout=max(0.0, deadline - time.monotonic()))
+        except ray.exceptions.RayError as exc:  # GetTimeoutError included
+            raise self.round_failed(chain, session_id, rnd, exc) from None
+
     def round_failed(self, chain: list[tuple[Worker, ray.ObjectRef]], session_id: str, rnd: int,
                      exc: BaseException) -> RemoteError:
         """The error of a round whose verdict did not come: names the worker of the chain that died
@@ -156,6 +197,10 @@ class RemoteCalls:
         """Kills ``worker``'s actor and starts a fresh one like it (its weights reloaded from the
         node's cache), unless it answers a ping at once (another session replaced it already).
 
+        The new actor starts on the worker's own node while Ray counts that node alive; once Ray
+        declares it dead, on a live node that offers ``worker.needs`` (``worker.stand_in``); with no
+        stand-in, or no live node that offers its resources, the failure stands.
+
         Returns:
             True when a live worker is in place; False when no replacement could start.
         """
@@ -168,17 +213,60 @@ class RemoteCalls:
                 pass
             if worker.spawn is None:
                 return False
-            try:
-                ray.kill(worker.handle, no_restart=True)
-            except Exception:  # already gone
-                pass
-            try:
-                handle = worker.spawn()
-                info = ray.get(handle.ready.remote(), timeout=LOAD_TIMEOUT_S)
-            except Exception as err:  # no node to host it, or it died loading: the failure stands
-                log.warning("could not replace %s: %s", worker, _reason(err))
-                return False
-            worker.handle, worker.info = handle, info
-            self.unresponsive.discard(worker.role)
-            log.warning("replaced %s", worker)
-            return True
+            _kill(worker.handle)
+            deadline = time.monotonic() + LOAD_TIMEOUT_S
+            while time.monotonic() < deadline:
+                gone = not _node_alive(worker.info.get("node_id"))
+                if gone and (worker.stand_in is None or not _offered(worker.needs)):
+                    log.warning("cannot replace %s: its node is gone and no live node can stand in (%s)",
+                                worker, f"needs {worker.needs}" if worker.stand_in else "it has no stand-in")
+                    return False
+                try:
+                    handle = (worker.stand_in if gone else worker.spawn)()
+                    info = self._await_ready(handle, worker.info.get("node_id"), gone, deadline)
+                except Exception as err:  # it died loading: the failure stands
+                    log.warning("could not replace %s: %s", worker, _reason(err))
+                    return False
+                if info is not None:
+                    worker.handle, worker.info = handle, info
+                    self.unresponsive.discard(worker.role)
+                    log.warning("replaced %s", worker)
+                    return True
+                _kill(handle)  # its node died while it started: try a stand-in
+            return False
+
+    @staticmethod
+    def _await_ready(handle, node_id: str | None, elsewhere: bool, deadline: float) -> dict | None:
+        """The new actor's readiness answer; None when the node it waits for died meanwhile (a
+        replacement on its own node) or when it is not up by ``deadline``."""
+        ref = handle.ready.remote()
+        while time.monotonic() < deadline:
+            done, _ = ray.wait([ref], timeout=NODE_POLL_S)
+            if done:
+                return ray.get(ref)
+            if not elsewhere and not _node_alive(node_id):
+                return None
+        return None
+
+
+def _kill(handle) -> None:
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:  # already gone
+        pass
+
+
+def _node_alive(node_id: str | None) -> bool:
+    """Whether Ray counts node ``node_id`` alive (None, an unknown node: assumed alive)."""
+    if node_id is None:
+        return True
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return bool(node["Alive"])
+    return True
+
+
+def _offered(needs: dict) -> bool:
+    """Whether some live node offers every resource in ``needs``."""
+    return any(node["Alive"] and all(node["Resources"].get(k, 0) >= v for k, v in needs.items())
+               for node in ray.nodes())

@@ -75,7 +75,7 @@ SPLIT_LAYERS = "layers"  # explicit per-stage counts in ``layers``
 SPLITS = (SPLIT_EVEN, SPLIT_LAYERS)
 
 TOP_KEYS = ("name", "stages", "split", "layers", "models", "nodes", "links", "default_link", "link_model",
-            "policies")
+            "policies", "federated")  # federated: read by cluster/federated_plan.py
 MODEL_KEYS = ("draft", "target")
 NODE_KEYS = ("name", "role", "address", "resources", "cores")
 DEFAULT_LINK_KEYS = ("latency_ms", "bandwidth_mbps")

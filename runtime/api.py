@@ -24,19 +24,21 @@ from .stats import SessionStats
 # Fields that decide which workers exist: they cannot change per call.
 # timeout_s too: the deadline of every remote wait is part of the built pipeline.
 _BUILD_FIELDS = ("target", "num_stages", "dtype", "backend", "threads", "cache_dir", "topology", "timeout_s",
-                "draft_quant", "draft_head_rows")
+                "hop_timeout_s", "draft_quant", "draft_head_rows", "batch_sessions",
+                "federated_workers", "federated_weights", "federated_k", "federated_strategy")
 
 # backend name -> "module:function" building a Backend from a SpecConfig.
 _BACKEND_BUILDERS = {
     "inproc": "specmesh.cluster.inproc:build",
     "local": "specmesh.cluster.ray_backend:build_local",
     "cluster": "specmesh.cluster.ray_backend:build_cluster",
+    "federated": "specmesh.cluster.federated:build_federated",  # SpecFed, in process (federated_workers)
 }
 
 
 def build_backend(config: SpecConfig) -> Backend:
     """Builds the workers named by ``config.backend`` (loading models)."""
-    module, _, func = _BACKEND_BUILDERS[config.backend].partition(":")
+    module, _, func = _BACKEND_BUILDERS["federated" if config.federated_workers else config.backend].partition(":")
     return getattr(importlib.import_module(module), func)(config)
 
 

@@ -27,10 +27,13 @@ from .encodings import DTYPE_CODES, HIDDEN_DTYPES, ids_from_wire, ids_to_wire, t
 from .framing import (DEFAULT_LIMITS, FLAG_ZSTD, PROTOCOL_VERSION, ProtocolError, WireLimits, open_frame,
                       pack_frame, read_tag)
 from .messages import DraftProposal, ErrorMessage, OpenSession, SamplingParams, StageFrame, VerifyResult, deferred
+from .messages import FederatedRows
 from .schema import Tag, body_limit, decode_as, encode_struct, schema
 from .sparse_wire import (INDEX_CODINGS, INDEX_DELTA_VARINT, INDEX_UINT32, PROB_DTYPES, dense_to_wire,
                           sparse_from_wire, sparse_to_wire)
 from .wire_rules import RULES, WireQ, check_drawable, dense_prob_of
+from . import split_wire
+from . import federated_wire
 
 __all__ = ["CodecConfig", "DEFAULT_CONFIG", "DEFAULT_LIMITS", "DTYPE_CODES", "FLAG_ZSTD", "INDEX_CODINGS",
            "INDEX_DELTA_VARINT", "INDEX_UINT32", "MESSAGE_TYPES", "Message", "PROTOCOL_VERSION",
@@ -76,11 +79,13 @@ class CodecConfig:
 
 
 DEFAULT_CONFIG = CodecConfig()
-Message = OpenSession | DraftProposal | StageFrame | VerifyResult | ErrorMessage
-MESSAGE_TYPES = (OpenSession, DraftProposal, StageFrame, VerifyResult, ErrorMessage)
+Message = OpenSession | DraftProposal | StageFrame | VerifyResult | ErrorMessage | FederatedRows
+MESSAGE_TYPES = (OpenSession, DraftProposal, StageFrame, VerifyResult, ErrorMessage, FederatedRows)
 # The message each Struct (by name) carries; a proposal's Struct depends on its q (sparse or dense).
 _MESSAGE_OF = {"OpenSession": OpenSession, "Proposal": DraftProposal, "DenseProposal": DraftProposal,
-               "StageFrame": StageFrame, "VerifyResult": VerifyResult, "Error": ErrorMessage}
+               "StageFrame": StageFrame, "VerifyResult": VerifyResult, "Error": ErrorMessage,
+               "SplitProposal": DraftProposal, "SplitVerifyResult": VerifyResult,
+               "FederatedRows": FederatedRows}
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,9 @@ def _to_wire(msg: Any, ctx: _Ctx) -> Any:
     """The Struct of ``msg``: each Struct field from the converter of that name, else as it is."""
     RULES[type(msg)](msg, ctx, encoding=True)
     s = schema(ctx.limits)
-    if isinstance(msg, DraftProposal):
+    if split_wire.split_tag(msg) is not None:  # split verification's shapes (DSSD)
+        kind = s.bodies[split_wire.split_tag(msg)]
+    elif isinstance(msg, DraftProposal):
         pending = deferred(msg, "q")
         dense = pending.dense if isinstance(pending, WireQ) else sparse.is_dense(msg.q)
         kind = s.bodies[Tag.PROPOSAL_DENSE if dense else Tag.PROPOSAL]
@@ -243,6 +250,8 @@ _TO: dict[str, Callable[[Any, _Ctx], Any]] = {
     "candidates": lambda m, c: ids_to_wire(m.candidates.long(), c.at("candidates"), _q_vocab(m)),
     "tokens": lambda m, c: ids_to_wire(m.tokens, c.at("tokens")),
     "q": _q_to, "vocab_size": _vocab_to, "proposal": _stage_proposal_to, "hidden": _hidden_to,
+    "q_x": split_wire.q_x_to_wire, "correction_p": split_wire.correction_to_wire,
+    "rows": federated_wire.rows_to_wire, "kept": federated_wire.kept_to_wire,
 }
 _FROM: dict[str, Callable[[Any, _Ctx], Any]] = {
     "session_id": _text_from("session_id"), "code": _text_from("code"), "text": _text_from("text"),
@@ -250,11 +259,14 @@ _FROM: dict[str, Callable[[Any, _Ctx], Any]] = {
     "context": lambda w, c: ids_from_wire(w.context, c.at("context"), c.vocab_size).tolist(),
     "candidates": lambda w, c: ids_from_wire(w.candidates, c.at("candidates"), c.vocab_size),
     "tokens": lambda w, c: ids_from_wire(w.tokens, c.at("tokens"), c.vocab_size).tolist(),
-    "q": lambda w, c: WireQ(w, c), "proposal": _stage_proposal_from,
+    "q": lambda w, c: split_wire.q_from_split(w, c) if split_wire.is_split_wire(w) else WireQ(w, c),
+    "q_x": split_wire.q_x_from_wire, "correction_p": split_wire.correction_from_wire,
+    "proposal": _stage_proposal_from,
+    "rows": federated_wire.rows_from_wire, "kept": federated_wire.kept_from_wire,
     "hidden": lambda w, c: tensor_from_wire(w.hidden, c.at("hidden"), c.limits, HIDDEN_DTYPES),
 }
 _TAG_OF = {OpenSession: Tag.OPEN_SESSION, StageFrame: Tag.STAGE_FRAME, VerifyResult: Tag.VERIFY_RESULT,
-           ErrorMessage: Tag.ERROR}
+           ErrorMessage: Tag.ERROR, FederatedRows: Tag.FEDERATED_ROWS}
 
 
 def _enc_hook(obj: Any) -> Any:

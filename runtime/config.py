@@ -9,13 +9,15 @@ from typing import Mapping
 
 from specmesh.policies.catalog import make_draft_length, make_rule
 from specmesh.policies.sparsify import make_sparsifier
+from specmesh.policies.split import verification_mode
+from specmesh.policies.federated import federated_settings
 
 from .messages import SamplingParams
 from .schema import POLICY_KEY_PATTERN
 
 PolicyValue = str | int | float | bool
 # Keys of the policy map that SpecConfig fields set; policy_options may not repeat them.
-_FIELD_POLICY_KEYS = ("acceptance", "sparsifier", "sparse_k", "sparse_mass", "draft_length")
+_FIELD_POLICY_KEYS = ("acceptance", "sparsifier", "sparse_k", "sparse_mass", "draft_length", "verification")
 _KNOB_NAME = re.compile(POLICY_KEY_PATTERN)  # the wire's rule for the keys of the policy map
 
 BACKENDS = ("inproc", "local", "cluster")
@@ -44,6 +46,9 @@ class SpecConfig:
         sparse_k: entries per position for "top-k" (and the cap for "top-p").
         sparse_mass: probability mass kept by "top-p", in (0, 1].
         acceptance: acceptance policy name ("exact" is lossless; others are lossy and opt-in).
+        verification: where verification runs: "target" (the last stage, against the q rows the
+            uplink carried) or "split" (DSSD: the uplink carries q(x) per candidate only, the last
+            stage runs the accept tests, the device draws the correction; lossless; chains only).
         policy_options: further named knobs of the policies (e.g. ``{"importance_strength": 0.5}``),
             sent to every worker in the session's policy map; each policy validates the keys it reads.
         max_new_tokens: generation length limit.
@@ -62,6 +67,15 @@ class SpecConfig:
             backend says the draft computes on cores no stage uses: separate machines, or a
             topology that gives the device its own cores, as the shipped one-machine files do).
         timeout_s: deadline of every remote wait of a round on the Ray backends.
+        batch_sessions: most concurrent sessions whose rounds a target stage verifies in one
+            forward (batched rounds across sessions); 1 = off (each round its own forward).
+        hop_timeout_s: deadline of each hop of a round on the Ray backends (a message reaching the
+            next worker and that worker's answer), counted from the previous hop's answer; a hop
+            that misses it fails its receiver by name, long before ``timeout_s`` (None: no per-hop
+            deadline, only the round's).
+        federated_workers / federated_weights / federated_k / federated_strategy: SpecFed
+            (``cluster/federated.py``): M target workers verify every round, each sends its top-K
+            p per position, the device verifies against their weighted average (see the fields).
     """
 
     target: str = DEFAULT_TARGET
@@ -77,6 +91,7 @@ class SpecConfig:
     sparse_k: int = 16
     sparse_mass: float = 0.95
     acceptance: str = "exact"
+    verification: str = "target"
     policy_options: Mapping[str, PolicyValue] = field(default_factory=dict)
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()
@@ -90,6 +105,12 @@ class SpecConfig:
     topology: str | None = None
     overlap: bool | None = None
     timeout_s: float = 300.0
+    batch_sessions: int = 16
+    hop_timeout_s: float | None = None
+    federated_workers: tuple[str, ...] = ()  # SpecFed: one target model per worker (empty: off)
+    federated_weights: tuple[float, ...] = ()  # one weight per worker, normalised (empty: equal)
+    federated_k: int = 0  # top-K entries each worker sends per position (0: dense, every token)
+    federated_strategy: str = "zero"  # reconstruction: zero, spread-uniform, spread-q
 
     def __post_init__(self) -> None:
         if not self.target:
@@ -114,6 +135,12 @@ class SpecConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.hop_timeout_s is not None and not 0 < self.hop_timeout_s <= self.timeout_s:
+            raise ValueError(f"hop_timeout_s must be None or in (0, timeout_s = {self.timeout_s:g}], "
+                             f"got {self.hop_timeout_s}")
+        if isinstance(self.batch_sessions, bool) or not isinstance(self.batch_sessions, int) \
+                or self.batch_sessions < 1:
+            raise ValueError(f"batch_sessions must be an integer >= 1 (1 = off), got {self.batch_sessions!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
         if self.dtype not in DTYPES:
@@ -132,12 +159,17 @@ class SpecConfig:
         policy = self.policy_map()
         make_sparsifier(policy)
         rule = make_rule(policy, None)
+        if verification_mode(policy) == "split" and self.tree_width > 1:
+            raise ValueError(f"verification 'split' verifies chains only (a tree's recursive rejection "
+                             f"needs every sibling's q row at the edge); tree_width must be 1, got {self.tree_width}")
         if self.tree_width > 1 and rule.chain_only:
             raise ValueError(
                 f"acceptance {self.acceptance!r} verifies chains only; tree_width must be 1, "
                 f"got {self.tree_width}"
             )
         self.draft_length_policy()
+        if self.federated_workers or self.federated_weights:
+            self._check_federated()
 
     def _check_policy_options(self) -> None:
         if not isinstance(self.policy_options, Mapping):
@@ -152,6 +184,18 @@ class SpecConfig:
                     isinstance(value, float) and not math.isfinite(value)):
                 raise ValueError(f"policy_options[{key!r}] = {value!r}: must be a finite number, bool or string")
 
+    def _check_federated(self) -> None:
+        for name in ("federated_workers", "federated_weights"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        federated_settings(self.federated_workers, self.federated_weights, self.federated_k,
+                           self.federated_strategy)
+        if self.backend != "inproc":
+            raise ValueError(f"federated workers run in process only (backend 'inproc'), got {self.backend!r}")
+        if self.acceptance != "exact" or self.verification != "target":
+            raise ValueError(f"federated workers verify with acceptance 'exact' and verification 'target' "
+                             f"(the aggregator's); got {self.acceptance!r} and {self.verification!r}")
+
     def sampling_params(self) -> SamplingParams:
         """The per-session sampling parameters that workers receive."""
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
@@ -161,6 +205,7 @@ class SpecConfig:
         return {
             **self.policy_options, "acceptance": self.acceptance, "sparsifier": self.sparsifier,
             "sparse_k": self.sparse_k, "sparse_mass": self.sparse_mass, "draft_length": self.draft_length,
+            "verification": self.verification,
         }
 
     def draft_length_policy(self):

@@ -59,6 +59,11 @@ class Drafter(Protocol):
         """Drafts the next round ahead (``gamma`` depths of ``width``, within ``budget_ms``), on
         the likeliest verdict, while this one is verified (fire and forget on Ray; inline in process)."""
 
+    def resolve(self, verdict: VerifyResult) -> int:
+        """Split verification: the correction token of a verdict whose correction is pending, drawn
+        by the draft from ``norm(max(p_j - q_j, 0))`` with the ``q_j`` it kept (on Ray the verdict
+        crosses to the draft actor as a codec frame)."""
+
 
 class Target(Protocol):
     def open(self, msg: OpenSession) -> None: ...

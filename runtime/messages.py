@@ -109,6 +109,9 @@ class DraftProposal:
         prev_path: for trees, the candidate indices of the previous round that were accepted, so
             stages can compact their KV cache to that path; empty for chains.
         draft_ms: the draft's compute time for this proposal (the round's time breakdown).
+        q_x: split verification (DSSD) only: ``[g]`` float32, ``q_i(x_i)`` of each candidate under
+            the row it was drawn from, sent *instead of* the rows (``q`` is then empty, 0 rows, and
+            only names the vocabulary); None in target-side verification.
     """
 
     session_id: str
@@ -116,10 +119,16 @@ class DraftProposal:
     rollback: int
     context: list[int]
     candidates: torch.Tensor  # [g] int64
-    q: SparseDist = _DeferredField()  # g rows
+    q: SparseDist = _DeferredField()  # g rows (0 rows when q_x is set)
     parents: list[int] = field(default_factory=list)
     prev_path: list[int] = field(default_factory=list)
     draft_ms: float = 0.0
+    q_x: torch.Tensor | None = None  # [g] float32, split verification only
+
+    @property
+    def split(self) -> bool:
+        """True when the proposal carries scalar draft probabilities instead of q rows."""
+        return self.q_x is not None
 
     @property
     def base(self) -> int:
@@ -159,6 +168,10 @@ class VerifyResult:
         path: for trees, the accepted candidate indices; empty for chains.
         stage_ms: compute time of each stage this round.
         draft_ms: the draft's compute time for the round's proposal (copied from it).
+        correction_p: split verification (DSSD) only, after a rejection at ``j = accepted``: the
+            support of ``p_j`` (one row, float32, every token with ``p_j > 0``); ``tokens`` then
+            holds the accepted tokens only and the device draws the correction from
+            ``norm(max(p_j - q_j, 0))`` (:attr:`pending`). None otherwise.
     """
 
     session_id: str
@@ -169,6 +182,12 @@ class VerifyResult:
     path: list[int] = field(default_factory=list)
     stage_ms: list[float] = field(default_factory=list)
     draft_ms: float = 0.0
+    correction_p: SparseDist | None = None  # 1 row, split verification only
+
+    @property
+    def pending(self) -> bool:
+        """True when the correction token is still to be drawn by the device (split verification)."""
+        return self.correction_p is not None
 
 
 @dataclass(frozen=True)
@@ -208,3 +227,22 @@ class ProposeRequest:
     width: int = 1
     prev_path: list[int] = field(default_factory=list)
     stop_below: float | None = None
+
+
+@dataclass(frozen=True)
+class FederatedRows:
+    """A federated worker's last stage -> the aggregator on the device (SpecFed): its top-K of p.
+
+    Attributes:
+        session_id, round: the round verified.
+        rows: ``g + 1`` rows (the p after the last context token and after each candidate, as a
+            verifier orders them), the worker's top-K entries renormalised.
+        kept: ``[g + 1]`` float32, the worker's p mass on the entries sent (``1 - kept`` is missing).
+        stage_ms: compute time of each of the worker's stages this round.
+    """
+
+    session_id: str
+    round: int
+    rows: SparseDist  # g + 1 rows
+    kept: torch.Tensor  # [g + 1] float32
+    stage_ms: list[float] = field(default_factory=list)

@@ -16,14 +16,16 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from specmesh.policies.draft_length import RoundObservation
+from specmesh.policies.split import SPLIT, verification_mode
 
 from .interfaces import Backend, WorkerFailure
-from .messages import DraftProposal, OpenSession, ProposeRequest, SamplingParams, VerifyResult
+from .messages import DraftProposal, OpenSession, ProposeRequest, SamplingParams
 from .session import DRAFT, Session, stage_role
 from .sparse import SparseDist
 from .stats import RoundRecord
 from .stop import StopRule
 from .traffic import DOWNLINK, UPLINK, TrafficSnapshot
+from .verdicts import check_verdict, completed
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,8 @@ class Generation:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
         if tree_width < 1:
             raise ValueError(f"tree_width must be >= 1, got {tree_width}")
+        if verification_mode(policy) == SPLIT and tree_width > 1:
+            raise ValueError(f"verification 'split' verifies chains only; tree_width must be 1, got {tree_width}")
         self.backend = backend
         self.params = params
         self.policy = dict(policy)
@@ -280,7 +284,9 @@ class Generation:
                 torch.zeros(0, dtype=torch.int64), SparseDist.empty(b.info.vocab_size),
             )
         result = b.target.verify(handle)
-        drafted = self._check(result, rnd, g)
+        if result.pending and drafting:  # split verification: the device draws the correction
+            result = completed(result, b.drafter.resolve(result))
+        drafted = check_verdict(result, s.session_id, rnd, g, self._width)
         base = len(committed)
         new, reason = self.stop.cut(s.output, list(result.tokens))
         if reason is None and base + len(new) >= b.info.max_positions:
@@ -309,23 +315,3 @@ class Generation:
         left_new = self.stop.max_new_tokens - len(self.output_ids) - 1
         left_ctx = self.backend.info.max_positions - committed - 1
         return max(0, min(gamma, left_new, left_ctx))
-
-    def _check(self, result: VerifyResult, rnd: int, gamma: int) -> int:
-        """Raises on a verdict for another round or a malformed one; returns the depth drafted
-        (a confidence-stopping draft may draft fewer than ``gamma``)."""
-        if result.session_id != self.session_id or result.round != rnd:
-            raise RuntimeError(
-                f"verdict for session {result.session_id} round {result.round} while waiting for "
-                f"{self.session_id} round {rnd}"
-            )
-        # A chain's mask has one entry per drafted depth (a confidence stop may draft fewer than
-        # asked); a tree's has one per candidate, and trees always draft the depth asked.
-        drafted = len(result.accepted_mask) if self._width == 1 or not gamma else gamma
-        if not 0 <= drafted <= gamma or not 0 <= result.accepted <= drafted \
-                or len(result.tokens) != result.accepted + 1 \
-                or (result.path and len(result.path) != result.accepted):
-            raise RuntimeError(
-                f"malformed verdict: accepted {result.accepted} of {drafted} drafted (asked {gamma}), "
-                f"tokens {result.tokens}"
-            )
-        return drafted

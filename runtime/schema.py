@@ -16,6 +16,12 @@ Tags and fields (``ids`` = token ids as a uint32 buffer)::
     4 STAGE_FRAME    proposal (tag 2 or 3, nested), hidden tensor (model dtype), stage_ms
     5 VERIFY_RESULT  session_id, round, accepted, token ids, accepted_mask, path, stage_ms
     8 ERROR          session_id, round, code, text
+    9 PROPOSAL_SPLIT as 2 up to prev_path, then vocab_size, q_x as a float32 buffer [g] (the
+                     scalar q_i(x_i) of each candidate: split verification, DSSD), draft_ms
+   10 VERIFY_SPLIT   as 5, then correction_p: a one-row sparse q of float32 probabilities (the
+                     support of p_j at the first rejection; tokens = the accepted ones only)
+   11 FEDERATED_ROWS session_id, round, rows (sparse q, float32: a federated worker's top-K of p),
+                     kept (float32 buffer [n]: p's mass on the sent entries), stage_ms (SpecFed)
 
 Tags 6 and 7 (split payload, commit) are retired: no worker sent them. A sparse q is
 ``[vocab_size, width, row_lengths, prob dtype code, index coding, indices, probs]`` (see
@@ -54,6 +60,9 @@ class Tag(IntEnum):
     STAGE_FRAME = 4
     VERIFY_RESULT = 5
     ERROR = 8
+    PROPOSAL_SPLIT = 9
+    VERIFY_SPLIT = 10
+    FEDERATED_ROWS = 11
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,11 @@ def schema(limits: WireLimits) -> Schema:
         q: Raw  # a dense_q, decoded when first read
         draft_ms: non_negative
 
+    class SplitProposal(ProposalHead, tag=int(Tag.PROPOSAL_SPLIT)):
+        vocab_size: vocab
+        q_x: Annotated[memoryview, Meta(max_length=4 * limits.max_list_len)]  # float32 [g]
+        draft_ms: non_negative
+
     class Tensor(Body):
         dtype: byte
         shape: Annotated[list[Annotated[int, Meta(ge=0, le=limits.max_decompressed_bytes)]],
@@ -136,7 +150,7 @@ def schema(limits: WireLimits) -> Schema:
         buffer: Annotated[memoryview, Meta(max_length=limits.max_decompressed_bytes)]
 
     class StageFrame(Body, tag=int(Tag.STAGE_FRAME)):
-        proposal: Union[Proposal, DenseProposal]
+        proposal: Union[Proposal, DenseProposal, SplitProposal]
         hidden: Tensor
         stage_ms: items(non_negative)
 
@@ -150,6 +164,16 @@ def schema(limits: WireLimits) -> Schema:
         stage_ms: items(non_negative)
         draft_ms: non_negative
 
+    class SplitVerifyResult(VerifyResult, tag=int(Tag.VERIFY_SPLIT)):
+        correction_p: SparseQ  # one row, float32
+
+    class FederatedRows(Body, tag=int(Tag.FEDERATED_ROWS)):
+        session_id: str
+        round: count
+        rows: SparseQ  # float32 probabilities
+        kept: Annotated[memoryview, Meta(max_length=4 * limits.max_list_len)]  # float32 [n]
+        stage_ms: items(non_negative)
+
     class Error(Body, tag=int(Tag.ERROR)):
         session_id: str
         round: Annotated[int, Meta(ge=INT64_MIN, le=INT64_MAX)]  # signed: it may not know its round
@@ -157,7 +181,8 @@ def schema(limits: WireLimits) -> Schema:
         text: str
 
     bodies = {int(cls.__struct_config__.tag): cls for cls in
-              (OpenSession, Proposal, DenseProposal, StageFrame, VerifyResult, Error)}
+              (OpenSession, Proposal, DenseProposal, StageFrame, VerifyResult, Error, SplitProposal,
+               SplitVerifyResult, FederatedRows)}
     return Schema(bodies, Params, SparseQ, dense_q, Tensor,
                   {(Proposal, "q"): SparseQ, (DenseProposal, "q"): dense_q})
 

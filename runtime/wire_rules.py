@@ -19,6 +19,9 @@ from .messages import Deferred, DraftProposal, ErrorMessage, OpenSession, StageF
 from .schema import decode_as, schema
 from .sparse import SparseDist
 from .sparse_wire import dense_from_wire, sparse_from_wire
+from .split_wire import split_proposal_rules, split_verdict_rules
+from .federated_wire import federated_rules
+from .messages import FederatedRows
 
 
 class WireQ(Deferred):
@@ -67,7 +70,9 @@ def _proposal_rules(p: DraftProposal, ctx: Any, encoding: bool) -> None:
         if not -1 <= parent < i:  # parents come first: no cycles, and -1 is the last context token
             raise ProtocolError(f"{ctx.at('parents')}[{i}] = {parent} must be in [-1, {i})")
     pending = deferred(p, "q")
-    if isinstance(pending, WireQ):
+    if p.q_x is not None:  # split verification: scalar draft probabilities instead of q rows
+        split_proposal_rules(p, ctx)
+    elif isinstance(pending, WireQ):
         pending._ids = (p.candidates, torch.tensor([max(p.context, default=0)], dtype=torch.int64))
     elif encoding and p.q.num_positions != g:
         raise ProtocolError(f"{ctx.at('q')}: {p.q.num_positions} rows for {g} candidates")
@@ -83,7 +88,9 @@ def _stage_rules(frame: StageFrame, ctx: Any, encoding: bool) -> None:
 
 
 def _verify_rules(v: VerifyResult, ctx: Any, encoding: bool) -> None:
-    if len(v.tokens) != v.accepted + 1:
+    if v.correction_p is not None:  # split verification: the device draws the correction
+        split_verdict_rules(v, ctx)
+    elif len(v.tokens) != v.accepted + 1:
         raise ProtocolError(f"{ctx.at('tokens')}: {len(v.tokens)} tokens for {v.accepted} accepted "
                             "(want accepted + 1)")
 
@@ -95,7 +102,7 @@ def _no_rules(msg: Any, ctx: Any, encoding: bool) -> None:
 # The rules that relate a message's fields to each other, applied on encode and on decode.
 RULES: dict[type, Callable[..., None]] = {
     OpenSession: _no_rules, DraftProposal: _proposal_rules, StageFrame: _stage_rules,
-    VerifyResult: _verify_rules, ErrorMessage: _no_rules,
+    VerifyResult: _verify_rules, ErrorMessage: _no_rules, FederatedRows: federated_rules,
 }
 
 

@@ -1,0 +1,71 @@
+"""A draft worker whose concurrent sessions draft together: one forward (and one LM head) per step
+for every session drafting at that moment.
+
+Sessions draft depth by depth, each in its own thread (the engine's session threads in process, the
+draft actor's executor threads on Ray). Every depth's forward goes through a
+:class:`~specmesh.runtime.batching.MicroBatcher`: while one forward runs, the next depths of other
+sessions gather, and run as one batched forward (``actors/batched.py``) followed by one LM head over
+their last rows. Drafting stays a pure function of each session's context, seed and position up to
+float rounding, so overlap and speculation keep their guarantees.
+
+Only drafts whose outputs do not depend on what is fed beside them are batched
+(``StageModel.row_independent``). A dynamically quantised int8 draft scales activations per forward:
+batched, a session's q would depend on its neighbours. Still lossless (the verifier checks the q
+actually sampled) and greedy outputs would not change, but a seeded sampled run would no longer
+repeat its solo output under load; :func:`make_draft_worker` therefore keeps int8 drafts unbatched.
+"""
+from __future__ import annotations
+
+import torch
+
+from specmesh.runtime.batching import MicroBatcher
+
+from . import batched, hf
+from .draft import DraftWorker, _DraftSession
+
+
+class BatchedDraftWorker(DraftWorker):
+    """A :class:`DraftWorker` that batches the forwards of concurrently drafting sessions.
+
+    Args:
+        model: the loaded draft; its outputs must be row-independent.
+        threads: torch intra-op threads (None leaves the process default).
+        max_batch: most sessions per forward.
+    """
+
+    def __init__(self, model: hf.StageModel, threads: int | None = None, max_batch: int = 16) -> None:
+        if not model.row_independent:
+            raise ValueError("a draft whose outputs depend on what is fed beside them (int8) cannot be batched")
+        super().__init__(model, threads)
+        self.batcher = MicroBatcher(self._logits_many, max_batch)
+
+    def _feed(self, s: _DraftSession, context: list[int], start: int, stop: int) -> torch.Tensor:
+        """As :meth:`DraftWorker._feed` (one forward: the draft is row-independent), with the
+        forward shared with other sessions drafting at the same moment."""
+        ids = torch.tensor(context[start:stop], dtype=torch.int64)
+        logits = self.batcher.submit(batched.Fed(s.cache, torch.arange(start, stop), input_ids=ids))
+        s.cached.extend(context[start:stop])
+        return logits
+
+    def _logits_many(self, fed: list[batched.Fed]) -> list[torch.Tensor]:
+        """One forward over every session's fed tokens, one LM head over their last rows -> per
+        session the logits ``[V]`` after its last fed token."""
+        if len(fed) == 1:
+            f = fed[0]
+            hiddens = [hf.forward(self.model, f.cache, input_ids=f.input_ids, position_ids=f.positions)]
+        else:
+            hiddens = batched.forward_many(self.model, fed)
+        logits = hf.lm_head(self.model, torch.stack([h[-1] for h in hiddens]))  # [B, V]
+        return list(logits.unbind(0))
+
+    def batch_stats(self) -> dict[int, int]:
+        """How many draft forwards ran of each batch size (``{sessions: count}``)."""
+        return self.batcher.stats()
+
+
+def make_draft_worker(model: hf.StageModel, threads: int | None = None, batch_sessions: int = 1) -> DraftWorker:
+    """The draft worker for ``model``: batched when ``batch_sessions > 1`` and the draft's outputs
+    are row-independent (not int8), else the plain :class:`DraftWorker`."""
+    if batch_sessions > 1 and model.row_independent:
+        return BatchedDraftWorker(model, threads, batch_sessions)
+    return DraftWorker(model, threads)

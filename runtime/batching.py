@@ -1,0 +1,110 @@
+"""A micro-batcher: concurrent callers' items run together through one batch function.
+
+Sessions in flight at once each hand a worker one item per round (a stage's message, a draft's
+forward). Run one at a time, they queue; run together, one forward serves them all. The policy is
+the simplest that keeps a worker busy without waiting on purpose: an item that finds the worker
+idle runs at once (alone); items that arrive while a batch runs gather, and the next batch takes up
+to ``max_batch`` of them, oldest first. No timer, no leader thread of its own: the first caller that
+finds the worker idle runs the batch for everyone in it, then hands over.
+
+Errors stay with their item: the batch function answers an exception in an item's place to fail
+that item only; if it raises as a whole, every item of that batch is retried alone, so one bad
+item cannot fail its neighbours.
+"""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Callable, Generic, Sequence, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+BatchFn = Callable[[Sequence[T]], Sequence["R | BaseException"]]
+
+
+class _Slot(Generic[T]):
+    __slots__ = ("item", "done", "value", "error")
+
+    def __init__(self, item: T) -> None:
+        self.item = item
+        self.done = False
+        self.value = None
+        self.error: BaseException | None = None
+
+
+class MicroBatcher(Generic[T, R]):
+    """Gathers items submitted from several threads into batches for ``fn``.
+
+    Args:
+        fn: runs a batch: items -> one result per item, in order; an exception instance in an
+            item's place fails that item only (it is raised in its submitter's thread).
+        max_batch: most items per call of ``fn`` (1: every item alone, in arrival order).
+
+    Thread-safe. ``fn`` runs in one submitter's thread at a time, never concurrently with itself.
+    """
+
+    def __init__(self, fn: BatchFn, max_batch: int) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        self.fn = fn
+        self.max_batch = max_batch
+        self._cond = threading.Condition()
+        self._pending: list[_Slot[T]] = []
+        self._busy = False
+        self._sizes: Counter[int] = Counter()
+
+    def submit(self, item: T) -> R:
+        """Blocks until ``item``'s batch has run; returns its result or raises its exception."""
+        slot = _Slot(item)
+        with self._cond:
+            self._pending.append(slot)
+            while not slot.done:
+                if self._busy:
+                    self._cond.wait()
+                    continue
+                self._busy = True
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                self._sizes[len(batch)] += 1
+                self._cond.release()
+                try:
+                    self._run(batch)
+                finally:
+                    self._cond.acquire()
+                    self._busy = False
+                    self._cond.notify_all()
+        if slot.error is not None:
+            raise slot.error
+        return slot.value
+
+    def stats(self) -> dict[int, int]:
+        """How many batches ran of each size: ``{size: count}``."""
+        with self._cond:
+            return dict(self._sizes)
+
+    def _run(self, batch: list[_Slot[T]]) -> None:
+        try:
+            results = list(self.fn([s.item for s in batch]))
+            if len(results) != len(batch):
+                raise RuntimeError(f"batch function answered {len(results)} results for {len(batch)} items")
+        except Exception as exc:
+            if len(batch) == 1:
+                results = [exc]
+            else:  # retry each item alone: only the item at fault fails
+                results = [_as_result(self.fn, s.item) for s in batch]
+        for slot, result in zip(batch, results):
+            if isinstance(result, BaseException):
+                slot.error = result
+            else:
+                slot.value = result
+            slot.done = True
+
+
+def _as_result(fn: BatchFn, item):
+    """``fn`` over ``item`` alone: its result, or the exception it raised or answered."""
+    try:
+        (result,) = fn([item])
+        return result
+    except Exception as exc:
+        return exc

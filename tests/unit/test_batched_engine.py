@@ -1,0 +1,68 @@
+"""Batched rounds end to end, in process: concurrent sessions share stage forwards and each still
+generates exactly what it generates alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specmesh.actors.draft import DraftWorker
+from specmesh.runtime import SpecConfig, SpecMesh
+
+torch.set_num_threads(1)
+# Twelve sessions of different prompt lengths.
+PROMPTS = [[(7 * k + 3 * i) % 256 for i in range(3 + 2 * k)] for k in range(12)]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    cfg = SpecConfig(target="tiny", draft="tiny-draft:noise=0.02", dtype="float32", draft_quant="none",
+                     cache_dir=str(tmp_path_factory.mktemp("models")), max_new_tokens=24, num_stages=2,
+                     batch_sessions=16)
+    with SpecMesh(cfg) as built:
+        yield built
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=1.0, seed=5),
+                                dict(temperature=1.0, seed=9, tree_width=2), dict(temperature=0.0, tree_width=3)])
+def test_concurrent_sessions_equal_their_solo_runs(engine, kw):
+    solo = [engine.generate(p, **kw) for p in PROMPTS]
+    before = [dict(s) for s in engine.backend.target.batch_stats()] + [engine.backend.drafter.worker.batch_stats()]
+    many = engine.generate_many(PROMPTS, **kw)
+    assert [r.output_ids for r in many] == [r.output_ids for r in solo]
+    assert [r.stats.bytes_up for r in many] == [r.stats.bytes_up for r in solo]  # each its own bytes
+    assert [r.stats.bytes_down for r in many] == [r.stats.bytes_down for r in solo]
+    after = engine.backend.target.batch_stats() + [engine.backend.drafter.worker.batch_stats()]
+    assert len(after) == 3  # two stages and the draft
+    for stage_before, stage_after in zip(before, after):
+        batched = {n: c - stage_before.get(n, 0) for n, c in stage_after.items() if n > 1}
+        assert sum(batched.values()) > 0, f"no batch of more than one session ran: {stage_after}"
+
+
+def test_an_int8_draft_is_not_batched_and_its_seeded_runs_still_repeat(tmp_path_factory):
+    """int8 scales activations per forward, so a batched int8 q would depend on its neighbours."""
+    cfg = SpecConfig(target="tiny", draft="tiny-draft:noise=0.02", dtype="float32", draft_quant="int8",
+                     cache_dir=str(tmp_path_factory.mktemp("models")), max_new_tokens=16, batch_sessions=8)
+    with SpecMesh(cfg) as built:
+        assert type(built.backend.drafter.worker) is DraftWorker
+        solo = [built.generate(p, temperature=1.0, seed=3).output_ids for p in PROMPTS[:8]]
+        assert [r.output_ids for r in built.generate_many(PROMPTS[:8], temperature=1.0, seed=3)] == solo
+
+
+def test_batching_off_steps_each_round_alone(tmp_path_factory):
+    cfg = SpecConfig(target="tiny", draft="tiny-draft", dtype="float32", draft_quant="none", num_stages=2,
+                     cache_dir=str(tmp_path_factory.mktemp("models")), max_new_tokens=8, batch_sessions=1)
+    with SpecMesh(cfg) as off:
+        assert off.backend.target.batchers is None and off.backend.target.batch_stats() == []
+        assert type(off.backend.drafter.worker) is DraftWorker
+        assert len(off.generate_many(PROMPTS[:3])) == 3
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_batch_sessions_is_validated(bad):
+    with pytest.raises(ValueError, match=f"batch_sessions must be an integer >= 1 \\(1 = off\\), got {bad!r}"):
+        SpecConfig(batch_sessions=bad)
+
+
+def test_batch_sessions_is_fixed_when_the_engine_is_built(engine):
+    with pytest.raises(ValueError, match=r"\['batch_sessions'\] are fixed"):
+        engine.generate(PROMPTS[0], batch_sessions=4)
