@@ -83,7 +83,8 @@ def measure_link(label: str, topology: Topology, args, workdir: Path) -> list[Ro
     path.write_text(dump_topology(topology), encoding="utf-8")
     cfg = SpecConfig(target=models.target, draft=models.draft, dtype=models.dtype, threads=models.threads,
                      num_stages=args.stages, topology=str(path), cache_dir=args.cache_dir, gamma=args.gamma,
-                     sparse_k=args.sparse_k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                     sparse_k=args.sparse_k, temperature=args.temperature, top_k=args.top_k,
+                     max_new_tokens=args.max_new_tokens,
                      seed=args.seed)
     rows, outputs = [], {}
     with SpecMesh(cfg) as engine:
@@ -119,6 +120,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", choices=sorted(MODELS), default="tiny",
                         help="tiny (random models, seconds) or bundled (the Qwen2.5-Coder 0.5B/1.5B pair)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="the session's top-k warper on p and q (0 = off): split sends p_j's support, "
+                             "so a truncated p makes its downlink small (default 0)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt (default 64)")
     parser.add_argument("--prompts", type=int, default=3,
                         help="prompts: random ids (tiny) or HumanEval 0..N-1 (bundled); default 3")
@@ -135,8 +139,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.prompts, args.max_new_tokens, args.latency_ms = 1, 12, 5.0
-    if args.prompts < 1 or args.max_new_tokens < 2 or args.temperature < 0:
-        parser.error("need --prompts >= 1, --max-new-tokens >= 2 and --temperature >= 0")
+    if args.prompts < 1 or args.max_new_tokens < 2 or args.temperature < 0 or args.top_k < 0:
+        parser.error(f"need --prompts >= 1, --max-new-tokens >= 2, --temperature >= 0 and --top-k >= 0; got "
+                     f"{args.prompts}, {args.max_new_tokens}, {args.temperature}, {args.top_k}")
     return args
 
 
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             topo = link_topology(args.stages, args.latency_ms, up, down, models)
             rows += measure_link(label, topo, args, Path(tmp))
     print(f"models {args.models} ({models.target} / {models.draft}, {models.dtype}), temperature "
-          f"{args.temperature:g}, gamma {args.gamma}, K {args.sparse_k}, {args.prompts} prompt(s) x "
+          f"{args.temperature:g}, top-k {args.top_k or 'off'}, gamma {args.gamma}, K {args.sparse_k}, {args.prompts} prompt(s) x "
           f"{args.max_new_tokens} tokens, {args.stages} stage(s), {args.latency_ms:g} ms per link, in process")
     print(table(rows))
     return 0
