@@ -22,16 +22,19 @@ from specmesh.runtime.sparse import SparseDist, normalised, quantise_fp16
 from specmesh.runtime.tree import sample_siblings
 
 from . import hf
+from .speculation import Branch, alternative_verdicts, snapshot
 
 
 @dataclass(frozen=True)
 class Depth:
     """One drafted depth: sibling tokens (the first is the one extended), the q row each was drawn
-    from, and the draft's top probability there (for confidence stopping)."""
+    from, the draft's top probability there (for confidence stopping) and its likeliest token
+    other than the first sibling (speculation's guess of a correction there)."""
 
     tokens: list[int]
     q: SparseDist  # len(tokens) rows
     top_prob: float
+    runner_up: int | None = None
 
 
 @dataclass
@@ -46,16 +49,16 @@ class _DraftSession:
     last_round: int = 0
     prompt_len: int = 0  # the first proposal's committed tokens: fed in one forward
     depths: list[Depth] = field(default_factory=list)  # the last proposal's depths
-    # Speculation on the verdict: depths drafted for the context ``spec_context`` (the last proposal
-    # fully accepted plus the draft's own guess of the bonus token), reused if that is what commits.
-    spec_context: list[int] | None = None
-    spec_depths: list[Depth] = field(default_factory=list)
+    # Speculation on the verdict: depths drafted ahead for the likeliest verdicts, best first
+    # (actors/speculation.py), reused by the proposal whose committed tokens one of them guessed.
+    spec_branches: list[Branch] = field(default_factory=list)
     counters: dict[str, int] = field(
         # forwards: draft depths computed (speculative ones and bonus guesses included);
         # speculated: those computed ahead of a verdict; reused: speculative depths later proposed;
-        # proposals_hit: proposals that reused speculation; busy_ms: time spent computing.
+        # proposals_hit: proposals that reused speculation (hits_alt: on a verdict other than the
+        # likeliest); branches: verdicts drafted ahead for; busy_ms: time spent computing.
         default_factory=lambda: {"forwards": 0, "speculated": 0, "reused": 0, "proposals": 0,
-                                 "proposals_hit": 0, "busy_ms": 0}
+                                 "proposals_hit": 0, "hits_alt": 0, "branches": 0, "busy_ms": 0}
     )
 
 
@@ -165,8 +168,10 @@ class DraftWorker:
         return SparseDist.concat([d.q for d in s.depths]) if s.depths else SparseDist.empty(self.vocab_size)
 
     def speculate(self, session_id: str, gamma: int, width: int = 1, budget_ms: float | None = None) -> None:
-        """While the last proposal is verified, drafts the next round as if it were fully accepted
-        and the bonus token were the draft's own next token (the likeliest single outcome).
+        """While the last proposal is verified, drafts the next round ahead for the likeliest
+        verdicts, best first (``actors/speculation.py``): all accepted with the draft's own bonus
+        guess; then, for chains, the last candidate rejected with the draft's runner-up there, and
+        all accepted with its runner-up bonus.
 
         ``budget_ms``: stop after the depth that ends past this much time (the verification's
         expected length), so that speculation never delays the next proposal."""
@@ -175,11 +180,23 @@ class DraftWorker:
             return
         t0 = time.perf_counter()
         deadline = None if budget_ms is None else t0 + budget_ms / 1e3
-        context = s.committed + [d.tokens[0] for d in s.depths]
-        guess = self._depth(s, context, 1).tokens[0]
-        s.spec_context = context + [guess]
-        s.spec_depths = self._extend(s, [], gamma, s.spec_context, width, None, deadline)
-        s.counters["speculated"] += len(s.spec_depths) + 1
+        drafted = [d.tokens[0] for d in s.depths]
+        context = s.committed + drafted
+        bonus = self._depth(s, context, 1)
+        s.counters["speculated"] += 1
+        guesses = [context + [bonus.tokens[0]]]
+        if width == 1:
+            guesses += alternative_verdicts(s.committed, drafted, s.depths[-1].runner_up, bonus.runner_up)
+        s.spec_branches = []
+        for guess in guesses:
+            if s.spec_branches and deadline is not None and time.perf_counter() >= deadline:
+                break
+            if s.spec_branches:  # the live cache moves on: keep the previous branch's state
+                s.spec_branches[-1].state = snapshot(s.cache, s.cached, s.last_logits)
+            depths = self._extend(s, [], gamma, guess, width, None, deadline)
+            s.spec_branches.append(Branch(guess, depths))
+            s.counters["speculated"] += len(depths)
+            s.counters["branches"] += 1
         s.counters["busy_ms"] += round((time.perf_counter() - t0) * 1e3)
 
     def _session(self, session_id: str) -> _DraftSession:
@@ -190,12 +207,18 @@ class DraftWorker:
 
     def _draft(self, s: _DraftSession, gamma: int, width: int, stop_below: float | None) -> list[Depth]:
         """Depths for the committed context, reusing speculation that drafted this very context."""
-        hit = s.spec_context == s.committed
-        reuse = s.spec_depths[:gamma] if hit else []
-        s.spec_context, s.spec_depths = None, []
+        hit = next((i for i, b in enumerate(s.spec_branches) if b.context == s.committed), None)
+        reuse: list[Depth] = []
+        if hit is not None:
+            branch = s.spec_branches[hit]
+            if branch.state is not None:  # a later branch moved the live cache: restore this one's
+                s.cache, s.cached, s.last_logits = branch.state
+            reuse = branch.depths[:gamma]
+        s.spec_branches = []
         s.counters["proposals"] += 1
         if reuse:
             s.counters["proposals_hit"] += 1
+            s.counters["hits_alt"] += int(hit > 0)
             if stop_below is not None:
                 cut = next((i + 1 for i, d in enumerate(reuse) if d.top_prob < stop_below), None)
                 if cut is not None:  # the draft's confidence stopped inside the reused depths
@@ -228,12 +251,16 @@ class DraftWorker:
         draft's top tokens, shipped with what the sparsifier says greedy rows carry."""
         params = s.params
         top_prob = float(torch.softmax(logits.float(), -1).max())
+        best = torch.topk(logits, min(2, logits.numel())).indices.tolist()  # the draft's top two
         if params.temperature == 0:
             picks = torch.topk(logits, min(width, logits.numel())).indices  # [width]
-            return Depth(picks.tolist(), s.sparsifier.greedy_rows(logits, picks), top_prob)
-        probs = sampling.warp_logits(logits.view(1, -1), params.temperature, params.top_k, params.top_p)
-        picks, rows = sample_siblings(s.sparsifier(probs), width, gen, quantise=quantise_fp16)
-        return Depth(picks.tolist(), rows, top_prob)
+            rows = s.sparsifier.greedy_rows(logits, picks)
+        else:
+            probs = sampling.warp_logits(logits.view(1, -1), params.temperature, params.top_k, params.top_p)
+            picks, rows = sample_siblings(s.sparsifier(probs), width, gen, quantise=quantise_fp16)
+        first = int(picks[0])
+        others = [t for t in best if t != first]
+        return Depth(picks.tolist(), rows, top_prob, others[0] if others else None)
 
     def _logits_after(self, s: _DraftSession, context: list[int]) -> torch.Tensor:
         """The draft's logits ``[V]`` after ``context``: keeps the longest cached prefix of it and
