@@ -79,6 +79,9 @@ class SpecMesh:
     def __init__(self, config: SpecConfig, backend: Backend | None = None) -> None:
         self.config = config
         self.backend = backend if backend is not None else build_backend(config)
+        # Per adaptive draft-length policy, the gamma the engine's last session of it ended with:
+        # the next session starts there instead of relearning from ``config.gamma``.
+        self._warm_gamma: dict[str, int] = {}
 
     @property
     def tokenizer(self):
@@ -108,9 +111,17 @@ class SpecMesh:
             decode=(lambda t: tok.decode(t, skip_special_tokens=True)) if tok is not None else None,
         )
         backend = self.backend if cfg.draft is not None else dataclasses.replace(self.backend, drafter=None)
+        adaptive = cfg.draft is not None and cfg.draft_length != "fixed"
+        if adaptive and "gamma" not in overrides and cfg.draft_length in self._warm_gamma:
+            cfg = dataclasses.replace(cfg, gamma=self._warm_gamma[cfg.draft_length])
+
+        def remember(gen: Generation, name: str = cfg.draft_length) -> None:
+            if gen.session.round > 1:  # a session of one round (the prefill) learned nothing
+                self._warm_gamma[name] = gen.session.gamma
+
         return Generation(
             backend, ids, cfg.sampling_params(), cfg.policy_map(), stop, cfg.draft_length_policy(),
-            cfg.gamma, session_id, cfg.tree_width, self._overlap(cfg),
+            cfg.gamma, session_id, cfg.tree_width, self._overlap(cfg), on_finish=remember if adaptive else None,
         )
 
     def _overlap(self, cfg: SpecConfig) -> bool:

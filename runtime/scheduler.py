@@ -66,6 +66,7 @@ class Generation:
         session_id: a name for the session (random if None).
         tree_width: candidates per depth (1: a chain).
         overlap: draft the next round while this one is verified.
+        on_finish: called with the generation once it has ended (finished, failed or closed).
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class Generation:
         session_id: str | None = None,
         tree_width: int = 1,
         overlap: bool = False,
+        on_finish=None,
     ) -> None:
         info = backend.info
         if not prompt_ids:
@@ -107,6 +109,7 @@ class Generation:
         )
         self._width = tree_width
         self._overlap = overlap
+        self._on_finish = on_finish
         self._opened: OpenSession | None = None
         self._recoveries = 0
         self._draft_down = False  # the draft failed: target-only rounds until it is back
@@ -150,6 +153,8 @@ class Generation:
         finally:
             self.stats.wall_s = time.perf_counter() - t_start
             self._cleanup()
+            if self._on_finish is not None:
+                self._on_finish(self)
 
     def _open_everywhere(self) -> None:
         """Opens the session on the target (replacing a stage found dead) and on the draft (a dead
