@@ -1,11 +1,14 @@
 """A micro-batcher: concurrent callers' items run together through one batch function.
 
 Sessions in flight at once each hand a worker one item per round (a stage's message, a draft's
-forward). Run one at a time, they queue; run together, one forward serves them all. The policy is
-the simplest that keeps a worker busy without waiting on purpose: an item that finds the worker
-idle runs at once (alone); items that arrive while a batch runs gather, and the next batch takes up
-to ``max_batch`` of them, oldest first. No timer, no leader thread of its own: the first caller that
-finds the worker idle runs the batch for everyone in it, then hands over.
+forward). Run one at a time, they queue; run together, one forward serves them all. The policy: items
+that arrive while a batch runs gather, and the next batch takes up to ``max_batch`` of them, oldest
+first. An item that finds the worker idle runs at once when it is the only caller about; when other
+callers have submitted recently (``active``: distinct threads seen within a few batch times), it
+waits for them, at most ``linger`` times the last batch's run time (capped at ``MAX_LINGER_S``):
+sessions that drifted apart (each worker of a pipeline sees them at other moments) fall back into
+step instead of running in ones and twos. No leader thread of its own: the first caller that finds
+the worker idle runs the batch for everyone in it, then hands over.
 
 Errors stay with their item: the batch function answers an exception in an item's place to fail
 that item only; if it raises as a whole, every item of that batch is retried alone, so one bad
@@ -14,6 +17,7 @@ item cannot fail its neighbours.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from typing import Callable, Generic, Sequence, TypeVar
 
@@ -21,6 +25,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 BatchFn = Callable[[Sequence[T]], Sequence["R | BaseException"]]
+
+MAX_LINGER_S = 0.25  # the longest an idle worker waits for callers it expects
+ACTIVE_WINDOW = 8.0  # a caller counts as active for this many batch run times after it submitted
 
 
 class _Slot(Generic[T]):
@@ -40,15 +47,22 @@ class MicroBatcher(Generic[T, R]):
         fn: runs a batch: items -> one result per item, in order; an exception instance in an
             item's place fails that item only (it is raised in its submitter's thread).
         max_batch: most items per call of ``fn`` (1: every item alone, in arrival order).
+        linger: how long an idle worker may wait for callers it expects, in units of the last
+            batch's run time (0: never wait).
 
     Thread-safe. ``fn`` runs in one submitter's thread at a time, never concurrently with itself.
     """
 
-    def __init__(self, fn: BatchFn, max_batch: int) -> None:
+    def __init__(self, fn: BatchFn, max_batch: int, linger: float = 1.0) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if not linger >= 0:
+            raise ValueError(f"linger must be >= 0, got {linger!r}")
         self.fn = fn
         self.max_batch = max_batch
+        self.linger = linger
+        self._callers: dict[int, float] = {}  # thread ident -> when it last submitted
+        self._run_s = 0.0  # the last batch's run time
         self._cond = threading.Condition()
         self._pending: list[_Slot[T]] = []
         self._busy = False
@@ -59,24 +73,47 @@ class MicroBatcher(Generic[T, R]):
         slot = _Slot(item)
         with self._cond:
             self._pending.append(slot)
+            self._callers[threading.get_ident()] = time.monotonic()
+            self._cond.notify_all()  # a lingering caller may be waiting for this one
             while not slot.done:
                 if self._busy:
                     self._cond.wait()
+                    continue
+                self._gather()
+                if slot.done or self._busy:  # another caller ran (or runs) this item's batch
                     continue
                 self._busy = True
                 batch = self._pending[: self.max_batch]
                 del self._pending[: self.max_batch]
                 self._sizes[len(batch)] += 1
                 self._cond.release()
+                t0 = time.monotonic()
                 try:
                     self._run(batch)
                 finally:
                     self._cond.acquire()
+                    self._run_s = time.monotonic() - t0
                     self._busy = False
                     self._cond.notify_all()
         if slot.error is not None:
             raise slot.error
         return slot.value
+
+    def _gather(self) -> None:
+        """Holding the lock with the worker idle: waits (bounded) until the callers active lately
+        have submitted, or ``max_batch`` items are pending."""
+        if self.linger <= 0 or self.max_batch == 1 or self._run_s <= 0:
+            return
+        now = time.monotonic()
+        horizon = now - ACTIVE_WINDOW * self._run_s
+        self._callers = {t: at for t, at in self._callers.items() if at >= horizon}
+        want = min(self.max_batch, len(self._callers))
+        deadline = now + min(MAX_LINGER_S, self.linger * self._run_s)
+        while len(self._pending) < want and not self._busy:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
 
     def stats(self) -> dict[int, int]:
         """How many batches ran of each size: ``{size: count}``."""

@@ -148,3 +148,45 @@ def test_many_threads_each_get_their_own_result():
     assert _submit_all(batcher, items, workers=32) == [2 * x for x in items]
     assert max(len(b) for b in fn.batches) <= 5 and sum(len(b) for b in fn.batches) == 200
     assert sum(n * c for n, c in batcher.stats().items()) == 200 and not fn.overlapped
+
+
+def _rounds(batcher, threads: int, rounds: int, seed: int) -> None:
+    """``threads`` sessions, each submitting once per round and then 'working' a random while, so
+    that they drift out of step (as sessions do across the workers of a pipeline)."""
+    import random
+
+    def session(k):
+        rng = random.Random(seed * 100 + k)
+        for r in range(rounds):
+            batcher.submit((k, r))
+            time.sleep(rng.uniform(0.0, 0.03))
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(session, range(threads)))
+
+
+def _mean_batch(stats: dict[int, int]) -> float:
+    return sum(k * v for k, v in stats.items()) / sum(stats.values())
+
+
+def test_an_idle_worker_waits_for_the_callers_it_expects():
+    slow = lambda items: (time.sleep(0.02), list(items))[1]  # noqa: E731
+    eager, lingering = MicroBatcher(slow, max_batch=16, linger=0.0), MicroBatcher(slow, max_batch=16)
+    _rounds(eager, 6, 12, seed=1)
+    _rounds(lingering, 6, 12, seed=1)
+    assert _mean_batch(lingering.stats()) >= 1.3 * _mean_batch(eager.stats()), (eager.stats(), lingering.stats())
+
+
+def test_a_lone_caller_never_waits():
+    slow = lambda items: (time.sleep(0.02), list(items))[1]  # noqa: E731
+    batcher = MicroBatcher(slow, max_batch=16)
+    t0 = time.monotonic()
+    for i in range(10):
+        assert batcher.submit(i) == i
+    assert time.monotonic() - t0 < 10 * 0.02 * 1.6  # no linger: nobody else is about
+    assert batcher.stats() == {1: 10}
+
+
+def test_linger_must_not_be_negative():
+    with pytest.raises(ValueError, match="linger"):
+        MicroBatcher(lambda items: items, max_batch=4, linger=-1)
