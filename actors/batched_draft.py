@@ -43,7 +43,7 @@ class BatchedDraftWorker(DraftWorker):
         """As :meth:`DraftWorker._feed` (one forward: the draft is row-independent), with the
         forward shared with other sessions drafting at the same moment."""
         ids = torch.tensor(context[start:stop], dtype=torch.int64)
-        logits = self.batcher.submit(batched.Fed(s.cache, torch.arange(start, stop), input_ids=ids))
+        logits = self.batcher.submit(batched.Fed(s.cache, torch.arange(start, stop), input_ids=ids), id(s))
         s.cached.extend(context[start:stop])
         return logits
 

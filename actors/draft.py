@@ -81,6 +81,9 @@ class DraftWorker:
             torch.set_num_threads(threads)
         self.model = model
         self.sessions: dict[str, _DraftSession] = {}
+        # Sessions whose next proposal has arrived while they speculate: speculation stops after
+        # the depth in hand (set from another thread; a set's add and membership are atomic).
+        self._interrupted: set[str] = set()
 
     @property
     def vocab_size(self) -> int:
@@ -110,6 +113,7 @@ class DraftWorker:
             raise ValueError(f"stale round {req.round} for session {req.session_id} (at {s.last_round})")
         if req.start > len(s.committed):
             raise ValueError(f"tokens start at {req.start} but only {len(s.committed)} were committed")
+        self._interrupted.discard(req.session_id)
         s.committed = s.committed[: req.start] + list(req.tokens)
         s.prompt_len = s.prompt_len or len(s.committed)
         s.last_round = req.round
@@ -145,6 +149,11 @@ class DraftWorker:
             q_x=q_x,
         )
 
+    def interrupt(self, session_id: str) -> None:
+        """The session's next proposal is here: its speculation, running or queued, stops after the
+        depth in hand (callable from any thread)."""
+        self._interrupted.add(session_id)
+
     def resolve(self, verdict: VerifyResult) -> int:
         """Split verification: the correction of a verdict rejected at ``j = verdict.accepted``,
         drawn from ``norm(max(p_j - q_j, 0))`` with the ``q_j`` this worker sampled ``x_j`` from and
@@ -176,10 +185,11 @@ class DraftWorker:
         ``budget_ms``: stop after the depth that ends past this much time (the verification's
         expected length), so that speculation never delays the next proposal."""
         s = self._session(session_id)
-        if not s.depths or gamma < 1:
+        if not s.depths or gamma < 1 or session_id in self._interrupted:
             return
         t0 = time.perf_counter()
         deadline = None if budget_ms is None else t0 + budget_ms / 1e3
+        stop = lambda: session_id in self._interrupted  # noqa: E731 (the verdict arrived)
         drafted = [d.tokens[0] for d in s.depths]
         context = s.committed + drafted
         bonus = self._depth(s, context, 1)
@@ -189,11 +199,11 @@ class DraftWorker:
             guesses += alternative_verdicts(s.committed, drafted, s.depths[-1].runner_up, bonus.runner_up)
         s.spec_branches = []
         for guess in guesses:
-            if s.spec_branches and deadline is not None and time.perf_counter() >= deadline:
+            if s.spec_branches and (stop() or (deadline is not None and time.perf_counter() >= deadline)):
                 break
             if s.spec_branches:  # the live cache moves on: keep the previous branch's state
                 s.spec_branches[-1].state = snapshot(s.cache, s.cached, s.last_logits)
-            depths = self._extend(s, [], gamma, guess, width, None, deadline)
+            depths = self._extend(s, [], gamma, guess, width, None, deadline, stop)
             s.spec_branches.append(Branch(guess, depths))
             s.counters["speculated"] += len(depths)
             s.counters["branches"] += 1
@@ -228,11 +238,13 @@ class DraftWorker:
         return self._extend(s, reuse, gamma, s.committed, width, stop_below)
 
     def _extend(self, s: _DraftSession, depths: list[Depth], gamma: int, context: list[int],
-                width: int, stop_below: float | None, deadline: float | None = None) -> list[Depth]:
+                width: int, stop_below: float | None, deadline: float | None = None,
+                stop=lambda: False) -> list[Depth]:
         """Drafts depths after ``depths`` along their main branch until there are ``gamma`` (or the
-        draft's confidence drops below ``stop_below``, or the clock passes ``deadline``)."""
+        draft's confidence drops below ``stop_below``, or the clock passes ``deadline``, or
+        ``stop()`` says the verdict arrived)."""
         depths = list(depths)
-        while len(depths) < gamma and (deadline is None or time.perf_counter() < deadline):
+        while len(depths) < gamma and (deadline is None or time.perf_counter() < deadline) and not stop():
             depth = self._depth(s, context + [d.tokens[0] for d in depths], width)
             depths.append(depth)
             if stop_below is not None and depth.top_prob < stop_below:

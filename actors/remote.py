@@ -21,7 +21,7 @@ import torch
 
 from specmesh.runtime import codec
 from specmesh.runtime.batching import MicroBatcher
-from specmesh.runtime.messages import ErrorMessage, OpenSession, ProposeRequest, VerifyResult
+from specmesh.runtime.messages import DraftProposal, ErrorMessage, OpenSession, ProposeRequest, VerifyResult
 from specmesh.runtime.traffic import TrafficMeter
 
 from . import hf
@@ -192,18 +192,18 @@ class DraftActor(_Base):
         self.by_reference = by_reference  # hand proposals on by reference (see _hand_on)
         # A batched draft drafts each session in a thread of its own, so that sessions' depths meet
         # in one forward; calls for one session still run one after another, in arrival order.
-        batching = isinstance(self.worker, BatchedDraftWorker)
-        self._pool = ThreadPoolExecutor(2 * spec.batch_sessions, "draft-batch") if batching else None
+        # Unbatched, one thread computes (the draft owns its cores); either way the event loop stays
+        # free, so a proposal that arrives during speculation stops it after the depth in hand.
+        self._batching = isinstance(self.worker, BatchedDraftWorker)
+        self._pool = ThreadPoolExecutor(2 * spec.batch_sessions if self._batching else 1, "draft")
         self._order: dict[str, asyncio.Lock] = {}
 
     def batch_stats(self) -> dict[int, int]:
         """How many draft forwards ran of each batch size; empty when the draft is not batched."""
-        return self.worker.batch_stats() if self._pool is not None else {}
+        return self.worker.batch_stats() if self._batching else {}
 
     async def _in_order(self, session_id: str, fn, *args):
-        """``fn(*args)`` in this session's turn: directly, or in a thread when batching."""
-        if self._pool is None:
-            return fn(*args)
+        """``fn(*args)`` in this session's turn, in the draft's thread(s), in arrival order."""
         async with self._order.setdefault(session_id, asyncio.Lock()):  # FIFO: arrival order
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
@@ -233,6 +233,7 @@ class DraftActor(_Base):
         return self.worker.resolve(msg)
 
     async def propose(self, req: ProposeRequest) -> bytes | ray.ObjectRef:
+        self.worker.interrupt(req.session_id)  # the verdict is in: speculation on it stops now
         try:
             frame = self._send(await self._in_order(req.session_id, self.worker.propose, req))
         except Exception as exc:  # answered, not raised: the round fails, the actor keeps serving
@@ -290,7 +291,8 @@ class StageActor(_Base):
         try:
             if self._batcher is None:
                 return self._send(self.worker.step(msg))
-            out = await asyncio.get_running_loop().run_in_executor(self._pool, self._batcher.submit, msg)
+            sid = (msg if isinstance(msg, DraftProposal) else msg.proposal).session_id
+            out = await asyncio.get_running_loop().run_in_executor(self._pool, self._batcher.submit, msg, sid)
             return self._send(out)  # each session's frame is encoded and counted on its own
         except Exception as exc:
             where = f"stage {self.worker.model.layers} after {1e3 * (time.perf_counter() - t_arrive):.0f} ms"

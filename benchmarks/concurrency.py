@@ -87,8 +87,10 @@ def run_wave(engine: SpecMesh, mode: str, models: str, clients: int, max_new_tok
 
 def config_for(args, batch_sessions: int) -> SpecConfig:
     m = MODELS[args.models]
-    kw = dict(target=args.target or m.target, draft=args.draft or m.draft, dtype=args.dtype or m.dtype, threads=args.threads or m.threads,
-              backend=args.backend, draft_quant=args.draft_quant, batch_sessions=batch_sessions,
+    # A topology's nodes name their cores, and so their threads (one per core owned).
+    threads = args.threads or (None if args.topology else m.threads)
+    kw = dict(target=args.target or m.target, draft=args.draft or m.draft, dtype=args.dtype or m.dtype,
+              threads=threads, backend=args.backend, draft_quant=args.draft_quant, batch_sessions=batch_sessions,
               gamma=args.gamma, max_new_tokens=args.max_new_tokens)
     if args.topology:
         from specmesh.cluster.inproc import config_from_topology

@@ -169,7 +169,7 @@ class InprocTarget:
         msg = proposal
         for i, (hop, stage) in enumerate(zip(self.hops, self.stages)):
             msg = self.wire.cross(hop, msg)  # each session's message crosses its own link
-            msg = stage.step(msg) if self.batchers is None else self.batchers[i].submit(msg)
+            msg = stage.step(msg) if self.batchers is None else self.batchers[i].submit(msg, proposal.session_id)
         return self.wire.cross(self.hops[-1], msg)
 
 

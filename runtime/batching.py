@@ -4,7 +4,8 @@ Sessions in flight at once each hand a worker one item per round (a stage's mess
 forward). Run one at a time, they queue; run together, one forward serves them all. The policy: items
 that arrive while a batch runs gather, and the next batch takes up to ``max_batch`` of them, oldest
 first. An item that finds the worker idle runs at once when it is the only caller about; when other
-callers have submitted recently (``active``: distinct threads seen within a few batch times), it
+callers have submitted recently (``active``: distinct callers, e.g. sessions, seen within a few
+batch times), it
 waits for them, at most ``linger`` times the last batch's run time (capped at ``MAX_LINGER_S``):
 sessions that drifted apart (each worker of a pipeline sees them at other moments) fall back into
 step instead of running in ones and twos. No leader thread of its own: the first caller that finds
@@ -19,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Callable, Generic, Hashable, Sequence, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -61,19 +62,23 @@ class MicroBatcher(Generic[T, R]):
         self.fn = fn
         self.max_batch = max_batch
         self.linger = linger
-        self._callers: dict[int, float] = {}  # thread ident -> when it last submitted
+        self._callers: dict[Hashable, float] = {}  # caller -> when it last submitted
         self._run_s = 0.0  # the last batch's run time
         self._cond = threading.Condition()
         self._pending: list[_Slot[T]] = []
         self._busy = False
         self._sizes: Counter[int] = Counter()
 
-    def submit(self, item: T) -> R:
-        """Blocks until ``item``'s batch has run; returns its result or raises its exception."""
+    def submit(self, item: T, caller: Hashable | None = None) -> R:
+        """Blocks until ``item``'s batch has run; returns its result or raises its exception.
+
+        ``caller`` names who submits (a session id), for the count of callers active lately; None
+        counts the submitting thread (wrong under a thread pool, where one session's items come from
+        many threads)."""
         slot = _Slot(item)
         with self._cond:
             self._pending.append(slot)
-            self._callers[threading.get_ident()] = time.monotonic()
+            self._callers[threading.get_ident() if caller is None else caller] = time.monotonic()
             self._cond.notify_all()  # a lingering caller may be waiting for this one
             while not slot.done:
                 if self._busy:

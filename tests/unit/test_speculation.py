@@ -98,3 +98,27 @@ def test_alternative_verdicts_order_and_gaps():
     assert alternative_verdicts([1], [2, 3], 9, 8) == [[1, 2, 9], [1, 2, 3, 8]]
     assert alternative_verdicts([1], [2, 3], None, 8) == [[1, 2, 3, 8]]
     assert alternative_verdicts([1], [], None, None) == []
+
+
+def test_a_proposal_that_arrives_stops_speculation_after_the_depth_in_hand(draft_dir):
+    w = _worker(draft_dir, "none")
+    _first_round(w, 0.0)
+    calls = {"n": 0}
+    depth = w._depth
+
+    def counting(s, context, width):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            w.interrupt("s")  # the next proposal arrives while the second depth is computed
+        return depth(s, context, width)
+
+    w._depth = counting
+    w.speculate("s", GAMMA, 1, None)  # no time budget: only the interrupt stops it
+    branches = w.sessions["s"].spec_branches
+    assert calls["n"] == 2 and len(branches) == 1 and len(branches[0].depths) == 1
+    w._depth = depth
+    w.propose(ProposeRequest("s", 2, len(PROMPT), branches[0].context[len(PROMPT):], GAMMA, len(PROMPT)))
+    assert "s" not in w._interrupted  # the proposal clears it: the next speculation runs
+    w.interrupt("s")
+    w.speculate("s", GAMMA, 1, None)  # interrupted before it starts: drafts nothing
+    assert w.sessions["s"].spec_branches == []
