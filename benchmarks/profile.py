@@ -8,35 +8,21 @@ limit / round time, and the share of proposals that reused speculated depths.
 """
 from __future__ import annotations
 
+from specmesh.cluster.report import PROFILE_HEADER, sum_profiles
+
 from .tables import table
 
-PROFILE_PARTS = ("draft", "stages", "links", "codec", "rest")  # the order of cluster/report.py
-HEADER = ["variant", "rounds", "round", *PROFILE_PARTS, "limit", "limit/round time", "speculation hits"]
-NONE = "-"
+HEADER = list(PROFILE_HEADER)
 
 
 def profile_rows(runs: list[dict], prefix: str = "") -> list[list[str]]:
     """One row per SpecMesh variant of ``runs`` (rows of ``runner.run_record``; runs that drafted
     nothing, i.e. target-only and the transformers peer, are left out), labelled ``prefix + variant``."""
-    totals: dict[str, dict[str, float]] = {}
-    for run in runs:
-        p = run.get("profile_ms")
-        if p is None or not run.get("drafted"):
-            continue
-        t = totals.setdefault(run["variant"], {"rounds": 0.0, "proposals": 0.0, "hits": 0.0, **{k: 0.0 for k in p}})
-        t["rounds"] += run["rounds"]
-        t["proposals"] += run.get("proposals", 0)
-        t["hits"] += run.get("proposals_hit", 0)
-        for k, v in p.items():
-            t[k] += v
-    rows = []
-    for variant, t in totals.items():
-        per = lambda k: f"{t[k] / max(t['rounds'], 1):.1f}"  # noqa: E731
-        eff = t["limit"] / t["wall"] if t["wall"] else 0.0
-        hits = f"{t['hits'] / t['proposals']:.2f}" if t["proposals"] else NONE
-        rows.append([prefix + variant, f"{t['rounds']:.0f}", per("wall"), *(per(k) for k in PROFILE_PARTS),
-                     per("limit"), f"{eff:.2f}", hits])
-    return rows
+    return sum_profiles(
+        (prefix + run["variant"], run["profile_ms"], run["rounds"], run.get("proposals", 0),
+         run.get("proposals_hit", 0))
+        for run in runs if run.get("profile_ms") is not None and run.get("drafted")
+    )
 
 
 def profile_lines(groups: list[tuple[str, list[dict]]]) -> list[str]:

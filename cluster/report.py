@@ -114,34 +114,46 @@ def summary_table(runs: list[Run], cfg: SpecConfig, links: str) -> Table:
 
 
 PROFILE_PARTS = ("draft", "stages", "links", "codec", "rest")
+PROFILE_HEADER = ("variant", "rounds", "round", *PROFILE_PARTS, "limit", "limit/round time", "speculation hits")
+
+
+def sum_profiles(samples) -> list[list[str]]:
+    """Profile table rows from ``(label, profile_ms, rounds, proposals, proposals_hit)`` samples
+    (one per generation; ``profile_ms`` as :meth:`SessionStats.profile` gives it): per label, summed
+    over its samples, milliseconds per round of each part, the limit, achieved/limit and the share of
+    proposals that reused speculation."""
+    totals: dict[str, dict[str, float]] = {}
+    for label, p, rounds, proposals, hits in samples:
+        t = totals.setdefault(label, {"rounds": 0.0, "proposals": 0.0, "hits": 0.0, **{k: 0.0 for k in p}})
+        t["rounds"] += rounds
+        t["proposals"] += proposals
+        t["hits"] += hits
+        for k, v in p.items():
+            t[k] += v
+    rows = []
+    for label, t in totals.items():
+        per = lambda k: f"{t[k] / max(t['rounds'], 1):.1f}"  # noqa: E731
+        eff = t["limit"] / t["wall"] if t["wall"] else 0.0
+        share = f"{t['hits'] / t['proposals']:.2f}" if t["proposals"] else NONE
+        rows.append([label, f"{t['rounds']:.0f}", per("wall"), *(per(k) for k in PROFILE_PARTS),
+                     per("limit"), f"{eff:.2f}", share])
+    return rows
 
 
 def profile_rows(runs: list[Run]) -> list[list[str]]:
     """Per variant, summed over its runs: milliseconds per round of each part of the round
     (:meth:`SessionStats.profile`), the limit the compute and links allow, and achieved/limit."""
-    totals: dict[str, dict[str, float]] = {}
-    for run in runs:
-        p = run.result.stats.profile()
-        t = totals.setdefault(run.variant, {"rounds": 0.0, "proposals": 0.0, "hits": 0.0, **{k: 0.0 for k in p}})
-        t["rounds"] += run.result.stats.rounds
-        t["proposals"] += run.result.stats.draft_counters.get("proposals", 0)
-        t["hits"] += run.result.stats.draft_counters.get("proposals_hit", 0)
-        for k, v in p.items():
-            t[k] += v
-    rows = []
-    for variant, t in totals.items():
-        per = lambda k: f"{t[k] / max(t['rounds'], 1):.1f}"  # noqa: E731
-        eff = t["limit"] / t["wall"] if t["wall"] else 0.0
-        hits = f"{t['hits'] / t['proposals']:.2f}" if t["proposals"] else NONE
-        rows.append([variant, f"{t['rounds']:.0f}", per("wall"), *(per(k) for k in PROFILE_PARTS),
-                     per("limit"), f"{eff:.2f}", hits])
-    return rows
+    return sum_profiles(
+        (r.variant, r.result.stats.profile(), r.result.stats.rounds,
+         r.result.stats.draft_counters.get("proposals", 0), r.result.stats.draft_counters.get("proposals_hit", 0))
+        for r in runs
+    )
 
 
 def profile_table(runs: list[Run]) -> Table:
     """Where a round's time went, per variant (ms per round), and achieved/limit."""
     table = Table(title="where a round's time goes (ms per round; limit = draft + stages + links)")
-    for col in ("variant", "rounds", "round", *PROFILE_PARTS, "limit", "limit/round time", "speculation hits"):
+    for col in PROFILE_HEADER:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for row in profile_rows(runs):
         table.add_row(*row)
