@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 
 import msgpack
+from frame_edit import body_of, edited, frame, set_at as _set
 import pytest
 import torch
 import zstandard
@@ -54,11 +55,7 @@ BASES = {
 
 
 def fields(base: str) -> list:
-    return msgpack.unpackb(BASES[base][2:], strict_map_key=False)
-
-
-def frame(body: list) -> bytes:
-    return bytes([codec.PROTOCOL_VERSION, 0]) + msgpack.packb(body, use_bin_type=True)
+    return body_of(BASES[base])
 
 
 def q_of(body: list) -> list:
@@ -75,18 +72,7 @@ def set_probs(body: list, values: list[int], fmt: str = "<H") -> list:
 
 
 def edit(base: str, change) -> bytes:
-    body = fields(base)
-    change(body)
-    return frame(body)
-
-
-def _set(path: tuple, value):
-    def change(body):
-        target = body
-        for i in path[:-1]:
-            target = target[i]
-        target[path[-1]] = value
-    return change
+    return edited(BASES[base], change)
 
 
 SMALL = WireLimits(max_frame_bytes=4096, max_decompressed_bytes=2048, max_tokens=2, max_list_len=8,

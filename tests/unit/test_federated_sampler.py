@@ -14,7 +14,7 @@ import dataclasses
 
 import pytest
 import torch
-from scipy.stats import chi2, kstest
+from shipped_stats import follows
 
 from specmesh.actors import hf
 from specmesh.cluster.federated import build_federated
@@ -83,23 +83,8 @@ def _pvalues(backend, k: int, pit: bool = True) -> tuple[float, float]:
     against the zero-filled top-``k`` weighted average (``k = 0``: the exact weighted average)."""
     target = backend.target.with_settings(fed.FederatedSettings(WEIGHTS, k, fed.ZERO))
     memo: dict = {}
-    gen = torch.Generator().manual_seed(1234)
-    firsts, values = [], []
-    for verdict in _rounds(backend, target, n=ROUNDS if pit else ROUNDS // 2):
-        firsts.append(verdict.tokens[0])
-        prefix = list(PROMPT)
-        for tok in verdict.tokens if pit else ():
-            p = _expected(_worker_p(backend, prefix, memo), k)
-            values.append(float(p[:tok].sum()) + float(torch.rand((), generator=gen)) * float(p[tok]))
-            prefix.append(tok)
-    expected = _expected(_worker_p(backend, PROMPT, memo), k) * len(firsts)
-    counts = torch.bincount(torch.tensor(firsts), minlength=expected.numel()).double()
-    keep = expected >= 5
-    stat = float((((counts[keep] - expected[keep]) ** 2) / expected[keep]).sum())
-    rest_o, rest_e = float(counts[~keep].sum()), float(expected[~keep].sum())
-    stat += (rest_o - rest_e) ** 2 / rest_e if rest_e > 0 else 0.0
-    first = float(chi2.sf(stat, int(keep.sum())))
-    return first, (float(kstest(values, "uniform").pvalue) if pit else 1.0)
+    rounds = [v.tokens for v in _rounds(backend, target, n=ROUNDS if pit else ROUNDS // 2)]
+    return follows(rounds, lambda prefix: _expected(_worker_p(backend, prefix, memo), k), PROMPT, pit)
 
 
 def test_dense_output_follows_the_exact_weighted_average(backend):

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scipy.stats import chi2, kstest
+from shipped_stats import follows, target_p
 
 from specmesh.actors import draft as draft_module
-from specmesh.actors import hf, tiny
-from specmesh.actors.draft import DraftWorker
-from specmesh.actors.stage import TargetStage
 from specmesh.runtime import codec, tree as tree_module, verify as verify_module
 from specmesh.runtime.messages import OpenSession, ProposeRequest, SamplingParams
 from specmesh.runtime.sparse import SparseDist
@@ -27,24 +24,6 @@ PROMPT = [5, 17, 42, 99, 3, 250, 7, 7]
 ROUNDS = 1500
 SIGNIFICANCE = 1e-3  # a correct sampler fails once in a thousand runs; a broken one must fail
 TEMPERATURE = 1.0  # the models' own distributions: later siblings of a dense tree are accepted
-
-
-@pytest.fixture(scope="module")
-def workers(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("models")
-    target = hf.load_stage(tiny.materialise("tiny", cache), dtype=torch.float32)
-    drafted = hf.load_stage(tiny.materialise("tiny-draft:noise=0.6", cache), dtype=torch.float32)
-    return DraftWorker(drafted), TargetStage(target)
-
-
-def _target_p(stage: TargetStage, prefix: list[int], memo: dict) -> torch.Tensor:
-    """The target's next-token distribution after ``prefix`` ``[V]`` at the test's temperature."""
-    key = tuple(prefix)
-    if key not in memo:
-        m = stage.model
-        hidden = hf.forward(m, m.new_cache(), input_ids=torch.tensor(prefix), position_ids=torch.arange(len(prefix)))
-        memo[key] = torch.softmax(hf.lm_head(m, hidden[-1:])[0].double() / TEMPERATURE, -1)
-    return memo[key]
 
 
 def _rounds(workers, policy: dict, gamma: int, width: int, n: int = ROUNDS):
@@ -75,26 +54,11 @@ def _pvalues(workers, policy: dict, gamma: int, width: int) -> tuple[float, floa
     """
     _, stage = workers
     memo: dict = {}
-    gen = torch.Generator().manual_seed(1234)
-    values, firsts, later = [], [], 0
-    for verdict in _rounds(workers, policy, gamma, width):
-        prefix = list(PROMPT)
-        if verdict.path and verdict.path[0] != 0:
-            later += 1
-        firsts.append(verdict.tokens[0])
-        for tok in verdict.tokens:
-            p = _target_p(stage, prefix, memo)
-            below = float(p[:tok].sum())
-            values.append(below + float(torch.rand((), generator=gen)) * float(p[tok]))
-            prefix.append(tok)
-    expected = _target_p(stage, list(PROMPT), memo) * len(firsts)  # [V]
-    counts = torch.bincount(torch.tensor(firsts), minlength=expected.numel()).double()
-    keep = expected >= 5
-    stat = float((((counts[keep] - expected[keep]) ** 2) / expected[keep]).sum())
-    rest_o, rest_e = float(counts[~keep].sum()), float(expected[~keep].sum())
-    stat += (rest_o - rest_e) ** 2 / rest_e if rest_e > 0 else 0.0
-    first_p = float(chi2.sf(stat, int(keep.sum())))
-    return first_p, float(kstest(values, "uniform").pvalue), later / ROUNDS
+    verdicts = list(_rounds(workers, policy, gamma, width))
+    later = sum(1 for v in verdicts if v.path and v.path[0] != 0)
+    first_p, pit_p = follows([v.tokens for v in verdicts], lambda prefix: target_p(stage, prefix, memo, TEMPERATURE),
+                             PROMPT)
+    return first_p, pit_p, later / ROUNDS
 
 
 DENSE = {"sparsifier": "dense", "acceptance": "exact"}

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scipy.stats import chi2, kstest
+from shipped_stats import follows, target_p
 
-from specmesh.actors import hf, tiny
-from specmesh.actors.draft import DraftWorker
-from specmesh.actors.stage import TargetStage
 from specmesh.policies import split
 from specmesh.runtime import codec
 from specmesh.runtime.messages import OpenSession, ProposeRequest, SamplingParams
@@ -28,14 +25,6 @@ TEMPERATURE = 1.0
 GAMMA = 3
 DENSE = {"sparsifier": "dense", "acceptance": "exact"}
 TOP8 = {"sparsifier": "top-k", "sparse_k": 8, "acceptance": "exact"}
-
-
-@pytest.fixture(scope="module")
-def workers(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("models")
-    target = hf.load_stage(tiny.materialise("tiny", cache), dtype=torch.float32)
-    drafted = hf.load_stage(tiny.materialise("tiny-draft:noise=0.6", cache), dtype=torch.float32)
-    return DraftWorker(drafted), TargetStage(target)
 
 
 def one_round(workers, policy: dict, seed: int, temperature: float = TEMPERATURE, top_k: int = 0):
@@ -56,36 +45,16 @@ def one_round(workers, policy: dict, seed: int, temperature: float = TEMPERATURE
         stage.close(sid)
 
 
-def _target_p(stage: TargetStage, prefix: list[int], memo: dict) -> torch.Tensor:
-    key = tuple(prefix)
-    if key not in memo:
-        m = stage.model
-        hidden = hf.forward(m, m.new_cache(), input_ids=torch.tensor(prefix), position_ids=torch.arange(len(prefix)))
-        memo[key] = torch.softmax(hf.lm_head(m, hidden[-1:])[0].double() / TEMPERATURE, -1)
-    return memo[key]
-
-
 def _pvalues(workers, policy: dict) -> tuple[float, float, float]:
     _, stage = workers
     memo: dict = {}
-    gen = torch.Generator().manual_seed(1234)
-    values, firsts, pending = [], [], 0
+    rounds, pending = [], 0
     for seed in range(ROUNDS):
         tokens, _, _, was_pending = one_round(workers, policy, seed)
         pending += was_pending
-        prefix = list(PROMPT)
-        firsts.append(tokens[0])
-        for tok in tokens:
-            p = _target_p(stage, prefix, memo)
-            values.append(float(p[:tok].sum()) + float(torch.rand((), generator=gen)) * float(p[tok]))
-            prefix.append(tok)
-    expected = _target_p(stage, list(PROMPT), memo) * len(firsts)  # [V]
-    counts = torch.bincount(torch.tensor(firsts), minlength=expected.numel()).double()
-    keep = expected >= 5
-    stat = float((((counts[keep] - expected[keep]) ** 2) / expected[keep]).sum())
-    rest_o, rest_e = float(counts[~keep].sum()), float(expected[~keep].sum())
-    stat += (rest_o - rest_e) ** 2 / rest_e if rest_e > 0 else 0.0
-    return float(chi2.sf(stat, int(keep.sum()))), float(kstest(values, "uniform").pvalue), pending / ROUNDS
+        rounds.append(tokens)
+    first_p, pit_p = follows(rounds, lambda prefix: target_p(stage, prefix, memo, TEMPERATURE), PROMPT)
+    return first_p, pit_p, pending / ROUNDS
 
 
 @pytest.mark.parametrize("policy", [DENSE, TOP8], ids=["dense", "top8"])

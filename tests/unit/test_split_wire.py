@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 
-import msgpack
+from frame_edit import body_of, edited, set_at as _set
 import pytest
 import torch
 
@@ -53,26 +53,11 @@ QX, CP = 9, 9
 
 
 def fields(base: str) -> list:
-    return msgpack.unpackb(BASES[base][2:], strict_map_key=False)
-
-
-def frame(body: list) -> bytes:
-    return bytes([codec.PROTOCOL_VERSION, 0]) + msgpack.packb(body, use_bin_type=True)
+    return body_of(BASES[base])
 
 
 def edit(base: str, change) -> bytes:
-    body = fields(base)
-    change(body)
-    return frame(body)
-
-
-def _set(path: tuple, value):
-    def change(body):
-        target = body
-        for i in path[:-1]:
-            target = target[i]
-        target[path[-1]] = value
-    return change
+    return edited(BASES[base], change)
 
 
 def f32(*values: float) -> bytes:
