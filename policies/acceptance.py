@@ -125,12 +125,20 @@ def verify_round(
         return verify_tree_exact(tree, draft_q, p, generator)  # renormalises q itself
     q = normalised(draft_q) if draft_q.num_positions else draft_q
     native, q_x = chain_tests(tree.tokens, q, p, generator, params.temperature)
-    if isinstance(rule, Exact):
-        accepted = first_rejection(native)
-    else:
-        p_raw = torch.softmax(logits.float(), dim=-1)  # [g + 1, V]
-        inp = ChainInputs(tree.tokens, q_x, p, p_raw, native, params.temperature, importance)
-        accepted = int(rule.accepted(inp))
-        if not 0 <= accepted <= tree.num_candidates:
-            raise ValueError(f"{type(rule).__name__} kept {accepted} of {tree.num_candidates} tokens")
+    accepted = chain_accepted(rule, tree.tokens, q_x, p, logits, native, params.temperature, importance)
     return finish_chain(accepted, tree.tokens, q, p, generator, params.temperature)
+
+
+def chain_accepted(rule: AcceptanceRule, tokens: torch.Tensor, q_x: torch.Tensor, p: torch.Tensor,
+                   logits: torch.Tensor, native: list[bool], temperature: float,
+                   importance: torch.Tensor | None = None) -> int:
+    """How many of a chain's ``g`` drafted ``tokens`` the rule keeps, given the exact tests'
+    outcomes ``native``, ``q_x`` ``[g]``, the warped ``p`` and the raw ``logits`` ``[g + 1, V]``
+    (``exact`` needs neither the raw softmax nor the inputs: the first rejection)."""
+    if isinstance(rule, Exact):
+        return first_rejection(native)
+    p_raw = torch.softmax(logits.float(), dim=-1)  # [g + 1, V]
+    accepted = int(rule.accepted(ChainInputs(tokens, q_x.float(), p, p_raw, native, temperature, importance)))
+    if not 0 <= accepted <= tokens.numel():
+        raise ValueError(f"{type(rule).__name__} kept {accepted} of {tokens.numel()} tokens")
+    return accepted

@@ -30,9 +30,9 @@ import torch
 from specmesh.runtime import sampling
 from specmesh.runtime.messages import SamplingParams
 from specmesh.runtime.sparse import SparseDist
-from specmesh.runtime.verify import residual
+from specmesh.runtime.verify import exact_tests, residual
 
-from .acceptance import AcceptanceRule, ChainInputs, Exact, first_rejection
+from .acceptance import AcceptanceRule, chain_accepted
 
 TARGET = "target"
 SPLIT = "split"
@@ -69,32 +69,6 @@ class SplitVerdict:
     correction_p: SparseDist | None = None
 
 
-def accept_tests(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
-                 generator: torch.Generator | None, temperature: float) -> list[bool]:
-    """The exact test per drafted position, drawn as target-side verification draws it.
-
-    At temperature 0 ``x_i`` passes when it is the argmax of ``p_i``; otherwise when
-    ``u_i * q_i(x_i) < p_i(x_i)`` (accept with probability ``min(1, p/q)``), ``u ~ U[0, 1)^g``
-    drawn once from ``generator`` (the same draws as ``runtime.verify.chain_tests``).
-
-    Args:
-        draft_tokens: ``[g]`` int64.
-        draft_probs: ``[g]`` float32, ``q_i(x_i) > 0``.
-        target_probs: ``[g + 1, V]`` after the user's warpers.
-        generator: the verifier's generator (unused at temperature 0).
-        temperature: the session's temperature.
-    """
-    g = draft_tokens.numel()
-    if target_probs.shape[0] != g + 1 or draft_probs.shape != (g,):
-        raise ValueError(f"shape mismatch: {g} draft tokens, q_x {tuple(draft_probs.shape)}, "
-                         f"{target_probs.shape[0]} p rows (want g + 1)")
-    if temperature == 0:
-        return (target_probs[:g].argmax(dim=-1) == draft_tokens).tolist()
-    p_x = target_probs[torch.arange(g), draft_tokens].float()  # [g]
-    u = sampling.uniform(g, generator)  # [g]
-    return (u * draft_probs.float() < p_x).tolist()
-
-
 def target_support(target_row: torch.Tensor) -> SparseDist:
     """Every token of ``target_row`` ``[V]`` with positive probability, float32 values unchanged:
     all that ``norm(max(p - q, 0))`` can ever need, whatever q was."""
@@ -120,15 +94,11 @@ def verify_split(rule: AcceptanceRule, draft_tokens: torch.Tensor, draft_probs: 
     """
     p = warp(logits)  # [g + 1, V]
     g = draft_tokens.numel()
-    native = accept_tests(draft_tokens, draft_probs, p, generator, params.temperature)
-    if isinstance(rule, Exact):
-        accepted = first_rejection(native)
-    else:
-        p_raw = torch.softmax(logits.float(), dim=-1)  # [g + 1, V]
-        inp = ChainInputs(draft_tokens, draft_probs.float(), p, p_raw, native, params.temperature, importance)
-        accepted = int(rule.accepted(inp))
-        if not 0 <= accepted <= g:
-            raise ValueError(f"{type(rule).__name__} kept {accepted} of {g} tokens")
+    if p.shape[0] != g + 1 or draft_probs.shape != (g,):
+        raise ValueError(f"shape mismatch: {g} draft tokens, q_x {tuple(draft_probs.shape)}, "
+                         f"{p.shape[0]} p rows (want g + 1)")
+    native = exact_tests(draft_tokens, draft_probs, p, generator, params.temperature)
+    accepted = chain_accepted(rule, draft_tokens, draft_probs, p, logits, native, params.temperature, importance)
     kept = draft_tokens[:accepted].tolist()
     mask = [i < accepted for i in range(g)]
     if accepted < g:

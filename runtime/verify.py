@@ -76,12 +76,22 @@ def chain_tests(
             f"{target_probs.shape[0]} p rows (want gamma + 1)"
         )
     q_x = draft_q.prob_of(draft_tokens) if draft_q.num_positions else torch.ones(gamma)  # [gamma]
+    return exact_tests(draft_tokens, q_x, target_probs, generator, temperature), q_x
+
+
+def exact_tests(draft_tokens: torch.Tensor, q_x: torch.Tensor, target_probs: torch.Tensor,
+                generator: torch.Generator | None, temperature: float) -> list[bool]:
+    """The exact test per drafted position given ``q_x`` ``[gamma]``, each token's draft probability
+    (what :func:`chain_tests` reads from the rows; what split verification's uplink carries): the
+    argmax test at temperature 0 (no draws), else ``u_i * q_x[i] < p_i(x_i)`` with one ``u ~ U[0,
+    1)^gamma`` from ``generator``."""
+    gamma = draft_tokens.numel()
     if temperature == 0:
         argmax = target_probs[:gamma].argmax(dim=-1)  # [gamma]
-        return (argmax == draft_tokens).tolist(), q_x
+        return (argmax == draft_tokens).tolist()
     p_x = target_probs[torch.arange(gamma), draft_tokens].float()  # [gamma]
     u = uniform(gamma, generator)  # [gamma]
-    return (u * q_x < p_x).tolist(), q_x
+    return (u * q_x.float() < p_x).tolist()
 
 
 def finish_chain(

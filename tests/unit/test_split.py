@@ -86,7 +86,7 @@ def _top2_support(target_row):
 
 
 @pytest.mark.parametrize("attr,mutant", [
-    ("accept_tests", _inverted_accept), ("residual", _residual_without_q),
+    ("exact_tests", _inverted_accept), ("residual", _residual_without_q),
     ("residual", _residual_inverted), ("target_support", _top2_support),
 ], ids=["inverted-ratio", "residual-ignores-q", "residual-inverted", "p-misses-a-token-where-p>q"])
 def test_each_mutation_is_caught(monkeypatch, attr, mutant):
@@ -106,7 +106,7 @@ def test_the_support_covers_every_token_the_residual_needs():
     assert bool(((P > Q) & (truncated.to_dense()[0] == 0)).any())  # the mutant above really misses one
 
 
-def test_accept_tests_draw_what_target_side_verification_draws():
+def test_split_accept_tests_draw_what_target_side_verification_draws():
     """Same generator, same q(x): the very outcomes of ``runtime.verify.chain_tests``."""
     gen = torch.Generator().manual_seed(2)
     for trial in range(50):
@@ -116,7 +116,7 @@ def test_accept_tests_draw_what_target_side_verification_draws():
         tokens = torch.multinomial(q, 1, generator=gen).view(-1)
         dist = SparseDist(torch.arange(20).expand(g, 20), q, 20)
         want, q_x = chain_tests(tokens, dist, p, torch.Generator().manual_seed(trial), 1.0)
-        got = split.accept_tests(tokens, q_x, p, torch.Generator().manual_seed(trial), 1.0)
+        got = split.exact_tests(tokens, q_x, p, torch.Generator().manual_seed(trial), 1.0)
         assert got == want
 
 
