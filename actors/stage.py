@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from specmesh.policies.acceptance import AcceptanceRule, verify_round
 from specmesh.policies.catalog import make_rule
+from specmesh.policies.code_context import FollowsSource, SourceContext
 from specmesh.policies.split import verification_mode, verify_split
 from specmesh.runtime import sampling
 from specmesh.runtime.messages import DraftProposal, OpenSession, SamplingParams, StageFrame, VerifyResult
@@ -33,6 +34,8 @@ class _StageSession:
     # (rollback, context length) of the last round when it fed a tree: the next message's prev_path
     # says which of its candidates to keep.
     tree_layout: tuple[int, int] | None = None
+    # the session's text as the rule follows it (rules that tell comments from code), else None
+    source: SourceContext | None = None
 
 
 class TargetStage:
@@ -63,7 +66,8 @@ class TargetStage:
                 self._vocab = self._vocab_loader()
             rule = make_rule(msg.policy, self._vocab)
             verification_mode(msg.policy)  # a bad placement fails here, not mid-round
-        self.sessions[msg.session_id] = _StageSession(msg.params, rule, self.model.new_cache())
+        source = rule.source_context() if isinstance(rule, FollowsSource) else None
+        self.sessions[msg.session_id] = _StageSession(msg.params, rule, self.model.new_cache(), source=source)
 
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
@@ -221,10 +225,13 @@ class TargetStage:
         p = s.params
         gen = sampling.generator_for(p.seed, sampling.STREAM_VERIFY, proposal.base)
         warp = lambda raw: sampling.warp_logits(raw, p.temperature, p.top_k, p.top_p)  # noqa: E731
+        lexical = prose = None
+        if s.source is not None and not proposal.parents:
+            lexical, prose = s.rule.round_lexicon(s.source, proposal.rollback, proposal.context, proposal.candidates)
         if proposal.split:  # DSSD: accept tests on q(x) alone; at a rejection p_j goes down
-            return verify_split(s.rule, proposal.candidates, proposal.q_x, logits, p, gen, warp)
+            return verify_split(s.rule, proposal.candidates, proposal.q_x, logits, p, gen, warp, lexical, prose)
         tree = TokenTree(proposal.candidates, proposal.parents) if proposal.parents else TokenTree.chain(proposal.candidates)
-        return verify_round(s.rule, tree, proposal.q, logits, p, gen, warp)
+        return verify_round(s.rule, tree, proposal.q, logits, p, gen, warp, lexical, prose)
 
     def _session(self, session_id: str) -> _StageSession:
         try:

@@ -44,6 +44,8 @@ class ChainInputs:
         temperature: the session's temperature.
         importance: ``[g]`` lexical importance of ``tokens[i]`` in [0, 1], or None when the rule has
             no lexicon.
+        prose: ``[g]`` bool, True where the token lies inside a comment or docstring of the text
+            (:mod:`.code_context`), or None when the verifier does not follow the text.
     """
 
     tokens: torch.Tensor  # [g] int64
@@ -53,6 +55,7 @@ class ChainInputs:
     native: list[bool]
     temperature: float
     importance: torch.Tensor | None = None  # [g]
+    prose: torch.Tensor | None = None  # [g] bool
 
 
 class AcceptanceRule(Protocol):
@@ -97,6 +100,7 @@ def verify_round(
     generator: torch.Generator,
     warp: Callable[[torch.Tensor], torch.Tensor],
     importance: torch.Tensor | None = None,
+    prose: torch.Tensor | None = None,
 ) -> Verdict:
     """Verifies one round's candidates: the one verifier every acceptance rule runs through.
 
@@ -111,6 +115,7 @@ def verify_round(
         generator: the verifier's randomness for this round.
         warp: logits -> the user's warped target probabilities ``[g + 1, V]``.
         importance: ``[g]`` lexical importance of the candidates (rules with a lexicon).
+        prose: ``[g]`` bool, candidates inside a comment or docstring (rules that follow the text).
     Returns:
         a Verdict (a TreeVerdict with ``path`` for trees).
     """
@@ -125,20 +130,22 @@ def verify_round(
         return verify_tree_exact(tree, draft_q, p, generator)  # renormalises q itself
     q = normalised(draft_q) if draft_q.num_positions else draft_q
     native, q_x = chain_tests(tree.tokens, q, p, generator, params.temperature)
-    accepted = chain_accepted(rule, tree.tokens, q_x, p, logits, native, params.temperature, importance)
+    accepted = chain_accepted(rule, tree.tokens, q_x, p, logits, native, params.temperature, importance,
+                              prose)
     return finish_chain(accepted, tree.tokens, q, p, generator, params.temperature)
 
 
 def chain_accepted(rule: AcceptanceRule, tokens: torch.Tensor, q_x: torch.Tensor, p: torch.Tensor,
                    logits: torch.Tensor, native: list[bool], temperature: float,
-                   importance: torch.Tensor | None = None) -> int:
+                   importance: torch.Tensor | None = None, prose: torch.Tensor | None = None) -> int:
     """How many of a chain's ``g`` drafted ``tokens`` the rule keeps, given the exact tests'
     outcomes ``native``, ``q_x`` ``[g]``, the warped ``p`` and the raw ``logits`` ``[g + 1, V]``
     (``exact`` needs neither the raw softmax nor the inputs: the first rejection)."""
     if isinstance(rule, Exact):
         return first_rejection(native)
     p_raw = torch.softmax(logits.float(), dim=-1)  # [g + 1, V]
-    accepted = int(rule.accepted(ChainInputs(tokens, q_x.float(), p, p_raw, native, temperature, importance)))
+    inp = ChainInputs(tokens, q_x.float(), p, p_raw, native, temperature, importance, prose)
+    accepted = int(rule.accepted(inp))
     if not 0 <= accepted <= tokens.numel():
         raise ValueError(f"{type(rule).__name__} kept {accepted} of {tokens.numel()} tokens")
     return accepted

@@ -29,6 +29,7 @@ SCORERS = ("combined", "lexical", "distributional")
 SPACE, NEWLINE, PUNCT, FUNCTION_WORD, OTHER, WORD, NUMBER, OPERATOR, SPECIAL = (
     0.0, 0.1, 0.1, 0.1, 0.5, 1.0, 1.0, 1.0, 1.0
 )
+PROSE = 0.0  # a token inside a comment or docstring (policies/code_context.py)
 _OPERATORS = set("+-*/%=<>&|^~@")
 _PUNCT = set(string.punctuation) - _OPERATORS
 # English function words, minus Python keywords (``and``, ``in``, ``is``, ``not``, ``if``, ``for``,
@@ -68,14 +69,20 @@ def token_text(token: str) -> str:
     return token.replace("\u2581", " ")
 
 
+def is_special(text: str) -> bool:
+    """Whether a token's text is a control token's spelling (``<|endoftext|>``, ``<s>``, ``</s>``)."""
+    core = text.strip()
+    tag = core.startswith("<") and core.endswith(">") and core[1:-1].strip("/|").isidentifier()
+    return tag or (core.startswith("<|") and core.endswith("|>"))
+
+
 def lexical_score(token: str) -> float:
     """Importance of one vocabulary entry from its string (see the module docstring)."""
     text = token_text(token)
     core = text.strip()
     if not core:
         return NEWLINE if "\n" in text else (SPACE if text else OTHER)
-    tag = core.startswith("<") and core.endswith(">") and core[1:-1].strip("/|").isidentifier()
-    if tag or (core.startswith("<|") and core.endswith("|>")):
+    if is_special(core):
         return SPECIAL  # <|endoftext|>, <s>, </s>: ending or restructuring the output matters
     score, word = 0.0, []
     for c in core + " ":
@@ -148,6 +155,10 @@ def distributional(inp: ChainInputs) -> torch.Tensor:
 def score(scorer: str, inp: ChainInputs, lexical: torch.Tensor | None) -> torch.Tensor:
     """``[g]`` importance of every drafted position under ``scorer``.
 
+    ``combined`` takes the lexicon alone at prose positions (``inp.prose``: inside a comment or a
+    docstring, where the token's identity cannot change what the program does, however confident
+    the target is) and the larger of the two scores elsewhere.
+
     Args:
         scorer: one of :data:`SCORERS`.
         inp: the chain.
@@ -161,5 +172,6 @@ def score(scorer: str, inp: ChainInputs, lexical: torch.Tensor | None) -> torch.
     if scorer == "lexical":
         return lexical.float()
     if scorer == "combined":
-        return torch.maximum(lexical.float(), distributional(inp))
+        both = torch.maximum(lexical.float(), distributional(inp))  # [g]
+        return both if inp.prose is None else torch.where(inp.prose, lexical.float(), both)
     raise ValueError(f"importance_scorer = {scorer!r}: must be one of {list(SCORERS)}")

@@ -18,9 +18,10 @@ from typing import Sequence
 
 import torch
 
+from . import code_context as cc
 from . import importance as imp
 from .acceptance import ACCEPTANCE, ChainInputs, PolicyMap, first_rejection
-from .options import read_choice, read_float, read_int
+from .options import read_bool, read_choice, read_float, read_int
 
 IMPORTANT = 0.5  # positions scoring at least this are always verified exactly
 
@@ -129,12 +130,35 @@ class ImportanceAcceptance:
     strength: float
     scorer: str = "combined"
     table: torch.Tensor | None = None  # [V] lexical importance by token id, or None
+    texts: Sequence[str] | None = None  # text of every token id, to follow the source; or None
     lossless: bool = False
     chain_only: bool = True
 
     def lexical(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """``[g]`` lexical importance of ``tokens`` (``[g]`` int64), or None without a vocabulary."""
         return None if self.table is None else self.table[tokens]
+
+    def source_context(self) -> cc.SourceContext | None:
+        """A new session's scanner of the text (None when the rule does not follow the source:
+        scorer ``distributional``, no vocabulary, or ``importance_context = false``)."""
+        if self.texts is None or self.table is None or self.scorer == "distributional":
+            return None
+        return cc.SourceContext(self.texts)
+
+    def round_lexicon(self, source: cc.SourceContext, rollback: int, context: Sequence[int],
+                      candidates: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``([g]`` lexical importance, ``[g]`` bool prose``)`` of a chain round's candidates
+        (``[g]`` int64) in the session's text: prose tokens score :data:`~.importance.PROSE`, tokens
+        that open or close a comment or docstring 1 (structure), code tokens their per-token score.
+        ``(None, None)`` when ``source`` lost track of the text (the per-token lexicon then)."""
+        kinds = source.kinds(rollback, context, candidates)  # [g]
+        if kinds is None:
+            return None, None
+        lexical = self.table[candidates].clone()  # [g]
+        prose = kinds == cc.PROSE
+        lexical[prose] = imp.PROSE
+        lexical[kinds == cc.BOUNDARY] = imp.WORD
+        return lexical, prose
 
     def importance(self, inp: ChainInputs) -> torch.Tensor:
         """``[g]`` the importance of every drafted position."""
@@ -188,4 +212,6 @@ def _importance(options: PolicyMap, vocab: Sequence[str] | None) -> ImportanceAc
         strength=read_float(options, "importance_strength", DEFAULT_STRENGTH, 0.0, 1.0),
         scorer=scorer,
         table=None if vocab is None else imp.lexical_table(vocab),
+        texts=cc.token_texts(vocab) if vocab is not None and read_bool(options, "importance_context", True)
+        else None,
     )

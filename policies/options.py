@@ -42,5 +42,13 @@ def read_choice(options: Options, key: str, default: str, choices: Sequence[str]
     return str(value)
 
 
+def read_bool(options: Options, key: str, default: bool) -> bool:
+    """``options[key]`` (or ``default``), a bool."""
+    value = options.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} = {value!r}: must be true or false")
+    return value
+
+
 def _range(lo: float, hi: float, lo_open: bool) -> str:
     return f"{'(' if lo_open else '['}{lo}, {hi}]"

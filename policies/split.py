@@ -79,7 +79,8 @@ def target_support(target_row: torch.Tensor) -> SparseDist:
 def verify_split(rule: AcceptanceRule, draft_tokens: torch.Tensor, draft_probs: torch.Tensor,
                  logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
                  warp: Callable[[torch.Tensor], torch.Tensor],
-                 importance: torch.Tensor | None = None) -> SplitVerdict:
+                 importance: torch.Tensor | None = None,
+                 prose: torch.Tensor | None = None) -> SplitVerdict:
     """The last stage's half of a split round: accept tests, then the bonus or ``p_j``.
 
     Args:
@@ -91,6 +92,7 @@ def verify_split(rule: AcceptanceRule, draft_tokens: torch.Tensor, draft_probs: 
         generator: ``generator_for(seed, STREAM_VERIFY, base)``.
         warp: logits -> the user's warped probabilities ``[g + 1, V]``.
         importance: ``[g]`` lexical importance (rules with a lexicon).
+        prose: ``[g]`` bool, candidates inside a comment or docstring (rules that follow the text).
     """
     p = warp(logits)  # [g + 1, V]
     g = draft_tokens.numel()
@@ -98,7 +100,8 @@ def verify_split(rule: AcceptanceRule, draft_tokens: torch.Tensor, draft_probs: 
         raise ValueError(f"shape mismatch: {g} draft tokens, q_x {tuple(draft_probs.shape)}, "
                          f"{p.shape[0]} p rows (want g + 1)")
     native = exact_tests(draft_tokens, draft_probs, p, generator, params.temperature)
-    accepted = chain_accepted(rule, draft_tokens, draft_probs, p, logits, native, params.temperature, importance)
+    accepted = chain_accepted(rule, draft_tokens, draft_probs, p, logits, native, params.temperature, importance,
+                              prose)
     kept = draft_tokens[:accepted].tolist()
     mask = [i < accepted for i in range(g)]
     if accepted < g:

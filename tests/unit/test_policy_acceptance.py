@@ -1,6 +1,7 @@
 """Lossy acceptance rules (typical, FLy, importance) on ChainInputs built by hand or drawn at random."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -90,6 +91,39 @@ def test_important_positions_are_never_relaxed():
     inp = chain([[0.9, 0.1], [0.1, 0.9], [1.0]], [0, 0], [True, False], importance=[0.0, 0.0])
     assert ImportanceAcceptance(1.0, "combined").accepted(inp) == 1
     assert ImportanceAcceptance(1.0, "lexical").accepted(inp) == 2  # lexicon alone: p/max = 1/9 > 0
+
+
+def test_prose_positions_relaxed_code_positions_never():
+    """Inside a comment or docstring (``prose``) the combined scorer takes the lexicon alone, so a
+    confident target does not keep the position exact; a code token of high lexical importance is
+    never relaxed, prose or not (a boundary token arrives with importance 1)."""
+    confident = [[0.9, 0.1], [0.1, 0.9], [1.0]]  # position 1: target confident in 1, draft says 0
+    for temperature in (0.0, 0.7):
+        base = chain(confident, [0, 0], [True, False], temperature=temperature, q_x=[0.9, 0.1],
+                     importance=[0.0, 0.0])
+        prose = dataclasses.replace(base, prose=torch.tensor([False, True]))
+        code = dataclasses.replace(base, prose=torch.tensor([False, False]))
+        rule = ImportanceAcceptance(1.0, "combined")
+        assert rule.accepted(prose) == 2
+        assert rule.accepted(code) == 1  # the target's confidence keeps it exact
+        assert ImportanceAcceptance(0.0, "combined").accepted(prose) == 1  # strength 0: exact
+        important = dataclasses.replace(prose, importance=torch.tensor([0.0, 1.0]))
+        assert rule.accepted(important) == 1
+
+
+def test_prose_acceptance_rises_with_strength():
+    chains = random_chains(300, 6, 1.0, seed=9)
+    totals, previous = [], None
+    for strength in (0.0, 0.25, 0.5, 1.0):
+        rule = ImportanceAcceptance(strength, "combined")
+        kept = [rule.accepted(dataclasses.replace(c, importance=torch.zeros(6), prose=torch.ones(6, dtype=torch.bool)))
+                for c in chains]
+        if previous is not None:
+            assert all(k >= j for k, j in zip(kept, previous))
+        previous = kept
+        totals.append(sum(kept))
+    assert totals[0] == sum(first_rejection(c.native) for c in chains)
+    assert totals[-1] == 6 * len(chains)  # strength 1 keeps every prose token the warpers allow
 
 
 def test_relaxed_threshold_formula():
