@@ -125,7 +125,8 @@ class BenchOptions:
         baseline: ``quality`` runs target-only beside SpecMesh (its speedup column); False saves the
             slowest runs.
         latencies_ms: per-hop latencies of ``latency`` and ``lengths`` (None: the grid's).
-        gammas: the static gammas of ``gamma`` and ``lengths`` (None: the grid's).
+        gammas: the static gammas of ``gamma`` and ``lengths`` (None: the grid's); ``quality``: one
+            value, the gamma of every variant (None: the engine's).
         adaptive: ``lengths``'s adaptive draft-length policies (None: the grid's).
         bandwidth_mbps: bandwidth of every modelled link (inf: latency only).
         seed: seed of every run and of the tiny prompts.

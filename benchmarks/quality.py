@@ -45,8 +45,20 @@ def variants(options: BenchOptions) -> list[Variant]:
     return out
 
 
+def quality_gamma(options: BenchOptions) -> int | None:
+    """The draft length every ``quality`` variant runs at: ``--gammas`` when it names one (the
+    engine's ``gamma`` when not given). Every variant, ``exact`` included, runs at the same gamma."""
+    if not options.gammas:
+        return None
+    if len(options.gammas) != 1:
+        raise ValueError(f"--gammas {','.join(map(str, options.gammas))}: quality runs every variant at one "
+                         "gamma; give one value (run the gamma and lengths sweeps separately)")
+    return options.gammas[0]
+
+
 def scenario_quality(b: Bench) -> dict:
     """HumanEval pass@1 of target-only, exact SpecMesh and each lossy acceptance policy."""
+    gamma = quality_gamma(b.options)
     problems = [humaneval_problem(i) for i in b.options.problems]
     self_check = humaneval_eval.self_check(problems)
     engine, topo, _ = b.engine(1, 0.0)
@@ -61,7 +73,7 @@ def scenario_quality(b: Bench) -> dict:
     repeats = b.options.repeats or 1  # at temperature > 0 each repetition is one more sample per problem
     m = b.measure("quality", engine, prompts, runs, repeats=repeats,
                   common={"max_new_tokens": b.tokens("quality"), "stop": humaneval_eval.STOP_SEQUENCES,
-                          "temperature": temperature},
+                          "temperature": temperature, **({"gamma": gamma} if gamma else {})},
                   seeds=lambda i, r: problem_seed(b.options.seed, indices[i], r))
     by_id = {p["task_id"]: p for p in problems}
     checks: dict[str, list] = {}
@@ -80,7 +92,7 @@ def scenario_quality(b: Bench) -> dict:
             m["summary"][label]["vs_exact"] = stat([a / e if a and e else None for a, e in zip(mine, exact)])
     section = {
         "problems": [p for p, _ in prompts], "problem_indices": indices, "max_new_tokens": b.tokens("quality"),
-        "temperature": temperature, "seed_rule": "problem_seed(--seed, problem index, repetition)",
+        "temperature": temperature, "gamma": gamma or engine.config.gamma, "seed_rule": "problem_seed(--seed, problem index, repetition)",
         "stop": list(humaneval_eval.STOP_SEQUENCES), "links": topo.describe_links(), "self_check": self_check,
         "lossy_policies": [n for n in ACCEPTANCE.names() if not is_lossless(n)],
         "lossy": {v.label: not is_lossless(v.overrides.get("acceptance", "exact")) for v in runs},

@@ -23,7 +23,7 @@ def section_quality(s: dict, image: str | None) -> list[str]:
     lossy = ", ".join(s["lossy_policies"]) or "none registered besides exact"
     repeats = s.get("repeats", 1)
     lines += [f"Problems {', '.join(s['problems'])}; {_sampling(s.get('temperature'))}, "
-              f"{repeats} sample(s) per problem, seed per problem and sample = {s.get('seed_rule', '--seed')} "
+              f"gamma {s.get('gamma', '-')}, {repeats} sample(s) per problem, seed per problem and sample = {s.get('seed_rule', '--seed')} "
               f"(the same for every variant); up to {s['max_new_tokens']} new tokens, stop sequences "
               f"{s['stop']!r}; each completion run against the problem's tests in its own Python subprocess "
               f"with a timeout; links {s['links']}. **Lossy** policies (opt-in, they change the output "

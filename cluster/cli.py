@@ -134,7 +134,7 @@ def bench(
     strengths: Optional[str] = typer.Option(None, help="quality: one importance variant per importance_strength, e.g. 0.25,0.5,1.0; with two or more the report picks the default strength. [default: the policy's own]"),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="quality: also run target-only (the slowest runs; its speedup column)."),
     latencies: Optional[str] = typer.Option(None, help="Per-hop latencies in ms of latency and lengths, e.g. 0,50. [default: per grid; lengths 0,50]"),
-    gammas: Optional[str] = typer.Option(None, help="Static gammas of gamma and lengths, e.g. 1,2,3,4,6,8,10. [default: per grid; lengths 1,2,4,6,8]"),
+    gammas: Optional[str] = typer.Option(None, help="Static gammas of gamma and lengths, e.g. 1,2,3,4,6,8,10; quality: one value, the gamma of every variant. [default: per grid; lengths 1,2,4,6,8; quality the engine's 4]"),
     adaptive: Optional[str] = typer.Option(None, help="lengths: adaptive draft-length policies, e.g. heuristic,confidence,tkslt,online. [default: those four]"),
     bandwidth_mbps: float = typer.Option(float("inf"), help="Bandwidth of every modelled link in Mbit/s. [default: unlimited]"),
     seed: int = typer.Option(0, help="Seed of every run and of the tiny models' prompts."),

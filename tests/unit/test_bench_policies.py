@@ -124,6 +124,17 @@ def test_a_sampled_quality_run_repeats(policy_bench, text_models, tmp_path):
     assert {r["prompt_id"]: r["output_ids"] for r in again["runs"]} == first
     assert again["summary"]["specmesh exact"]["speedup"]["mean"] is None  # no target-only: no speedup
     assert again["default_strength"]["chosen"] is None
+    assert again["gamma"] == 4 == data["scenarios"]["quality"]["gamma"]  # the engine's
+
+
+def test_quality_runs_every_variant_at_the_one_gamma_given(text_models, tmp_path):
+    q = _bench(tmp_path, text_models, scenarios=("quality",), temperature=0.7, policies=("exact", "importance"),
+               baseline=False, gammas=(6,))["scenarios"]["quality"]
+    assert q["gamma"] == 6 and all(v["overrides"]["gamma"] == 6 for v in q["variants"])
+    assert max(len(r["output_ids"]) for r in q["runs"]) > 0
+    assert quality.quality_gamma(options.BenchOptions()) is None
+    with pytest.raises(ValueError, match="one gamma"):
+        quality.quality_gamma(options.BenchOptions(gammas=(4, 8)))
 
 
 def test_lengths_runs_every_policy_at_every_latency(policy_bench):
@@ -134,7 +145,8 @@ def test_lengths_runs_every_policy_at_every_latency(policy_bench):
     assert s["start_gamma"] == options.GRIDS[(TEXT, True)].lengths_start_gamma == 4
     for p in s["points"]:
         assert f"device->edge1 {p['latency_ms']:g}ms/inf" in p["links"]
-        assert all(v["overrides"]["gamma"] == 4 for v in p["variants"] if not v["label"].startswith("fixed"))
+        # adaptive: no gamma given, so the engine starts the first session at its gamma (4) and resumes
+        assert all("gamma" not in v["overrides"] for v in p["variants"] if not v["label"].startswith("fixed"))
         labels = [v["label"] for v in p["variants"]]
         assert labels == ["fixed gamma=1", "fixed gamma=2", "fixed gamma=4", *options.ADAPTIVE_LENGTHS]
         assert {r["prompt_id"] for r in p["runs"]} == {s["prompts"][0]}  # the same prompt for all
