@@ -15,11 +15,15 @@ confidence stop). Policies are made by name from the session's policy map:
   carries no per-position draft probabilities, so here the threshold stays where it is set.
 - ``tkslt``: TK-SLT's closed-form optimum (:mod:`specmesh.policies.tkslt`) fed with the measured
   costs and an exponentially discounted estimate of the acceptance rate (:mod:`.tkslt`).
-- ``online``: needs no model of acceptance or cost: hill-climbs gamma on measured tokens/s
-  (:mod:`.online_length`).
+- ``online``: needs no model of acceptance: plays the gamma of highest estimated tokens/s from the
+  measured per-depth acceptance and round times (:mod:`.online_length`).
+
+An engine carries a session's policy into its next session of the same policy and options
+(:func:`resume`): a policy that learns (``resumed()``) keeps its estimates, any other its gamma.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -112,6 +116,16 @@ class ConfidenceLength:
 
     def next_gamma(self, obs: RoundObservation) -> int:
         return self.max_gamma
+
+
+def resume(policy: DraftLengthPolicy, last_gamma: int) -> tuple[DraftLengthPolicy, int]:
+    """The policy and first gamma of an engine's next session after one that ended with ``policy``
+    at ``last_gamma``: a policy with ``resumed()`` (``online``, ``tkslt``) carries its estimates and
+    starts at its incumbent gamma; any other is copied as it ended and starts at ``last_gamma``."""
+    if hasattr(policy, "resumed"):
+        nxt = policy.resumed()
+        return nxt, nxt.gamma
+    return copy.deepcopy(policy), last_gamma
 
 
 Factory = Callable[[int, Options], DraftLengthPolicy]

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from specmesh.policies.draft_length import resume
+
 from .config import SpecConfig
 from .interfaces import Backend
 from .scheduler import Generation, GenerationError  # noqa: F401  (part of the API)
@@ -79,9 +81,9 @@ class SpecMesh:
     def __init__(self, config: SpecConfig, backend: Backend | None = None) -> None:
         self.config = config
         self.backend = backend if backend is not None else build_backend(config)
-        # Per adaptive draft-length policy, the gamma the engine's last session of it ended with:
-        # the next session starts there instead of relearning from ``config.gamma``.
-        self._warm_gamma: dict[str, int] = {}
+        # Per adaptive draft-length policy (with its options and sampling), the policy and gamma the
+        # engine's last session of it ended with: the next session resumes there (policies.draft_length.resume).
+        self._warm: dict[tuple, tuple] = {}
 
     @property
     def tokenizer(self):
@@ -112,17 +114,23 @@ class SpecMesh:
         )
         backend = self.backend if cfg.draft is not None else dataclasses.replace(self.backend, drafter=None)
         adaptive = cfg.draft is not None and cfg.draft_length != "fixed"
-        if adaptive and "gamma" not in overrides and cfg.draft_length in self._warm_gamma:
-            cfg = dataclasses.replace(cfg, gamma=self._warm_gamma[cfg.draft_length])
+        key = (tuple(sorted(cfg.policy_map().items())), cfg.temperature, cfg.top_k, cfg.top_p)
+        policy, gamma = cfg.draft_length_policy(), cfg.gamma
+        if adaptive and "gamma" not in overrides and key in self._warm:
+            policy, gamma = resume(*self._warm[key])
 
-        def remember(gen: Generation, name: str = cfg.draft_length) -> None:
+        def remember(gen: Generation) -> None:
             if gen.session.round > 1:  # a session of one round (the prefill) learned nothing
-                self._warm_gamma[name] = gen.session.gamma
+                self._warm[key] = (gen.draft_length, gen.session.gamma)
 
         return Generation(
-            backend, ids, cfg.sampling_params(), cfg.policy_map(), stop, cfg.draft_length_policy(),
-            cfg.gamma, session_id, cfg.tree_width, self._overlap(cfg), on_finish=remember if adaptive else None,
+            backend, ids, cfg.sampling_params(), cfg.policy_map(), stop, policy,
+            gamma, session_id, cfg.tree_width, self._overlap(cfg), on_finish=remember if adaptive else None,
         )
+
+    def forget_draft_lengths(self) -> None:
+        """Sessions start their adaptive draft-length policies afresh (at ``config.gamma``) again."""
+        self._warm.clear()
 
     def _overlap(self, cfg: SpecConfig) -> bool:
         """Overlap as configured; by default on where the backend says the draft has cores of its own."""

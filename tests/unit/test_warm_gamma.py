@@ -32,3 +32,33 @@ def test_fixed_and_an_explicit_gamma_are_never_replaced(engine):
     assert engine.generate(PROMPT, draft_length="heuristic", gamma=3).stats.records[0].gamma == 3
     other = engine.generate(PROMPT, draft_length="online")
     assert other.stats.records[0].gamma == 2  # each policy learns its own
+
+
+def test_online_and_tkslt_carry_their_estimates_not_just_the_gamma(engine):
+    engine.forget_draft_lengths()
+    for name in ("online", "tkslt"):
+        first = engine.generation(PROMPT, draft_length=name)
+        first.run()
+        second = engine.generation(PROMPT, draft_length=name)
+        mine, theirs = second.draft_length, first.draft_length
+        assert mine is not theirs  # a copy: concurrent sessions do not share one policy
+        assert second.session.gamma == theirs.gamma  # the incumbent, not a probe the last round played
+        if name == "online":
+            assert mine.keep() == theirs.keep() and mine.affine_time() == theirs.affine_time()
+            assert mine.affine_time() is not None
+        else:
+            assert (mine.alpha, mine.costs()) == (theirs.alpha, theirs.costs())
+        second.run()
+        assert second.output_ids == first.output_ids
+
+
+def test_other_sampling_or_options_and_forgetting_start_afresh(engine):
+    engine.forget_draft_lengths()
+    engine.generate(PROMPT, draft_length="online")
+    assert engine.generation(PROMPT, draft_length="online").draft_length.affine_time() is not None
+    assert engine.generation(PROMPT, draft_length="online", temperature=0.7).draft_length.affine_time() is None
+    assert engine.generation(PROMPT, draft_length="online", policy_options={"max_gamma": 8}) \
+        .draft_length.affine_time() is None
+    engine.forget_draft_lengths()
+    fresh = engine.generation(PROMPT, draft_length="online")
+    assert fresh.draft_length.affine_time() is None and fresh.session.gamma == 2
