@@ -21,6 +21,7 @@ import torch
 
 from specmesh.runtime import codec
 from specmesh.runtime.batching import MicroBatcher
+from specmesh.runtime.federated import worker_reply
 from specmesh.runtime.messages import DraftProposal, ErrorMessage, OpenSession, ProposeRequest, VerifyResult
 from specmesh.runtime.traffic import TrafficMeter
 
@@ -275,10 +276,23 @@ class StageActor(_Base):
     async def step(self, data: bytes | ray.ObjectRef) -> bytes | ray.ObjectRef:
         """One round's message (bytes, or a reference to them on the sender's node) -> the next
         stage's frame, or the verdict (bytes, for the driver) on the last stage."""
-        frame = await self._step(data)
+        frame = await self._handle(data, self._step)
         return frame if self.worker.model.is_last else _hand_on(frame, self.by_reference)
 
-    async def _step(self, data: bytes | ray.ObjectRef) -> bytes:
+    async def federated_p(self, data: bytes | ray.ObjectRef, top_k: int) -> bytes:
+        """SpecFed, on a federated worker's last stage: the round's message -> this worker's top-``top_k``
+        p rows (a :class:`FederatedRows` frame, for the driver's aggregator) instead of a verdict."""
+        return await self._handle(data, lambda msg: worker_reply(*self.worker.federated_p(msg), top_k))
+
+    async def _step(self, msg):
+        if self._batcher is None:
+            return self.worker.step(msg)
+        sid = (msg if isinstance(msg, DraftProposal) else msg.proposal).session_id
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._batcher.submit, msg, sid)
+
+    async def _handle(self, data: bytes | ray.ObjectRef, compute) -> bytes:
+        """Receives a frame, runs ``compute(message)`` (a value, or an awaitable) and encodes its
+        answer; a frame that fails anywhere is answered with an error frame, an upstream error passed on."""
         t_arrive = time.perf_counter()
         try:
             if isinstance(data, ray.ObjectRef):
@@ -289,11 +303,9 @@ class StageActor(_Base):
         if isinstance(msg, ErrorMessage):
             return data
         try:
-            if self._batcher is None:
-                return self._send(self.worker.step(msg))
-            sid = (msg if isinstance(msg, DraftProposal) else msg.proposal).session_id
-            out = await asyncio.get_running_loop().run_in_executor(self._pool, self._batcher.submit, msg, sid)
-            return self._send(out)  # each session's frame is encoded and counted on its own
+            out = compute(msg)
+            # each session's frame is encoded and counted on its own
+            return self._send(await out if asyncio.iscoroutine(out) else out)
         except Exception as exc:
             where = f"stage {self.worker.model.layers} after {1e3 * (time.perf_counter() - t_arrive):.0f} ms"
             return _error(msg, type(exc).__name__, f"{where}: {exc}")

@@ -131,3 +131,8 @@ def worker_layouts(config: SpecConfig) -> list[Topology]:
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{config.topology}: federated.workers[{i}].{exc}") from None
     return layouts
+
+
+def describe_links(config: SpecConfig) -> str:
+    """One line naming every worker's links, for reports: ``worker1: device->edge1 2ms/1000Mbps, ...``."""
+    return "; ".join(f"worker{m + 1}: {layout.describe_links()}" for m, layout in enumerate(worker_layouts(config)))

@@ -7,11 +7,13 @@ turns a dead or silent worker into a :class:`RemoteError` naming it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import statistics
 import time
+from typing import Callable
 
 import ray
 
@@ -22,11 +24,12 @@ from specmesh.runtime import codec
 from specmesh.runtime.config import SpecConfig
 from specmesh.runtime.interfaces import Backend, ModelInfo
 from specmesh.runtime.messages import ErrorMessage, OpenSession, ProposeRequest, VerifyResult
+from specmesh.runtime.session import DRAFT, stage_role
 from specmesh.runtime.traffic import DOWNLINK, UPLINK, TrafficMeter, TrafficSnapshot
 
 from . import links
 from .inproc import check_vocab, model_info, round_hops, topology_for
-from .layout import check_threads
+from .layout import Topology, check_threads
 from .placement import Placement, place, remove_placement_group, stand_in
 from .remote_calls import LOAD_TIMEOUT_S, ROUND_TIMEOUT_S, RemoteCalls, RemoteError, Pending, Worker
 
@@ -89,7 +92,24 @@ class RayDrafter:
         return Pending(self.actor.propose.remote(req), req.session_id, req.round)
 
 
-class RayTarget:
+class StageWorkers:
+    """Opening, closing and replacing a Ray target's stage actors (its ``workers`` and ``calls``)."""
+
+    workers: list[Worker]
+    calls: RemoteCalls
+
+    def open(self, msg: OpenSession) -> None:
+        self.calls.call(self.workers, "open", codec.encode(msg))
+
+    def close(self, session_id: str) -> None:
+        self.calls.call(self.workers, "close", session_id, best_effort=True)
+
+    def recover(self, role: str) -> bool:
+        worker = next((w for w in self.workers if w.role == role), None)
+        return worker is not None and self.calls.replace(worker)
+
+
+class RayTarget(StageWorkers):
     def __init__(self, stages: list[Worker], draft: Worker | None, downlink: links.LinkSpec,
                  down_name: str, traffic: TrafficMeter, vocab_size: int, calls: RemoteCalls,
                  up_name: str = "") -> None:
@@ -107,38 +127,52 @@ class RayTarget:
         """The stage actor handles, in pipeline order."""
         return [w.handle for w in self.workers]
 
-    def open(self, msg: OpenSession) -> None:
-        self.calls.call(self.workers, "open", codec.encode(msg))
-
-    def close(self, session_id: str) -> None:
-        self.calls.call(self.workers, "close", session_id, best_effort=True)
-
-    def recover(self, role: str) -> bool:
-        worker = next((w for w in self.workers if w.role == role), None)
-        return worker is not None and self.calls.replace(worker)
-
     def verify(self, proposal) -> VerifyResult:
-        if isinstance(proposal, Pending):
-            ref, session_id, rnd = proposal.ref, proposal.session_id, proposal.round
-            chain = [(self.draft, ref)]
-        else:  # target-only: the driver is the device and sends the proposal itself
-            t0 = time.perf_counter()
-            data = codec.encode(proposal)
-            self.traffic.add_codec_time(self.up_name, UPLINK, (time.perf_counter() - t0) * 1e3, proposal.session_id)
-            ref, session_id, rnd = ray.put(data), proposal.session_id, proposal.round
-            chain = []
+        ref, head = send(proposal, self.draft, self.traffic, self.up_name)
+        chain = list(head)
         for stage in self.workers:
             ref = stage.handle.step.remote(ref)
             chain.append((stage, ref))
-        data = self.calls.await_chain(chain, session_id, rnd)
+        data = self.calls.await_chain(chain, proposal.session_id, proposal.round)
         delay_s = links.sleep_for(self.downlink, len(data))
-        t0 = time.perf_counter()
-        msg = codec.decode(data, vocab_size=self.vocab_size)
-        self.traffic.record(self.down_name, DOWNLINK, len(data), session_id, delay_s * 1e3,
-                            (time.perf_counter() - t0) * 1e3)
-        if isinstance(msg, ErrorMessage):
-            raise RemoteError(f"round {msg.round} of session {msg.session_id} failed: {msg.code}: {msg.text}")
-        return msg
+        return received(data, self.down_name, self.traffic, self.vocab_size, proposal.session_id, delay_s)
+
+
+def send(proposal, draft: Worker | None, traffic: TrafficMeter, up_name: str) -> tuple[ray.ObjectRef, list]:
+    """A round's proposal on its way to stage 0: its reference, and the hops it has already taken.
+
+    Args:
+        proposal: the draft actor's :class:`Pending` proposal, or (target-only) a
+            :class:`DraftProposal` that the driver, the device then, encodes and sends itself.
+        draft: the draft's worker (the first receiver of a pending proposal's chain).
+        up_name: the uplink the driver's encoding time is counted on.
+
+    Returns:
+        (the reference stage 0 takes, ``[(draft, ref)]`` for a pending proposal else ``[]``).
+    """
+    if isinstance(proposal, Pending):
+        return proposal.ref, [(draft, proposal.ref)]
+    t0 = time.perf_counter()
+    data = codec.encode(proposal)
+    traffic.add_codec_time(up_name, UPLINK, (time.perf_counter() - t0) * 1e3, proposal.session_id)
+    return ray.put(data), []
+
+
+def received(data: bytes, link_name: str, traffic: TrafficMeter, vocab_size: int, session_id: str,
+             delay_s: float, where: str = ""):
+    """The driver's end of a round's downlink: decodes the last stage's frame and counts its bytes
+    (with the link's modelled ``delay_s``, already waited) on ``link_name``.
+
+    Raises:
+        RemoteError: the frame is an :class:`ErrorMessage` (``where`` names the worker it came from).
+    """
+    t0 = time.perf_counter()
+    msg = codec.decode(data, vocab_size=vocab_size)
+    traffic.record(link_name, DOWNLINK, len(data), session_id, delay_s * 1e3, (time.perf_counter() - t0) * 1e3)
+    if isinstance(msg, ErrorMessage):
+        raise RemoteError(f"round {msg.round} of session {msg.session_id} failed{where}: {msg.code}: {msg.text}")
+    return msg
+
 
 def _build(config: SpecConfig, cluster: bool) -> Backend:
     topology = topology_for(config)
@@ -148,66 +182,115 @@ def _build(config: SpecConfig, cluster: bool) -> Backend:
     split = topology.split_layers(total)
     tokenizer = hf.load_tokenizer(target_dir)
     info: ModelInfo = model_info(target_dir, total, tokenizer)
+    check_layout(topology, config, cluster)
+    placement = place(topology, cluster)
+    hops = round_hops(topology)
+    calls = RemoteCalls(config.timeout_s, config.hop_timeout_s)
+    workers: list[Worker] = []
+    with killed_on_failure(workers, placement):
+        stages = spawn_stages(config, topology, config.target, split, hops, placement.options[1:], cluster,
+                              stage_role)
+        workers += stages
+        draft = spawn_draft(config, topology, placement.options[0], cluster, hops[0])
+        workers += [draft] if draft is not None else []
+        start(workers, calls, config, info)
+    down = hops[-1]
+    downlink = links.emulated(down.spec, topology.emulate, real_network=cluster)
+    target = RayTarget(stages, draft, downlink, down.name, RayTraffic(workers, calls), info.vocab_size, calls,
+                       hops[0].name)
+    return ray_backend(target, draft, workers, placement, calls, info, tokenizer, topology, cluster,
+                       (hops[0].name, hops[-1].name), len(stages))
+
+
+def check_layout(topology: Topology, config: SpecConfig, cluster: bool) -> None:
+    """Refuses a layout whose actors would run more threads than their nodes own cores, or (on one
+    machine, ``local``) name cores this machine lacks."""
     check_threads(topology, config.threads)
     if not cluster:  # every node is this machine: the cores they name must exist here
         topology.check_machine_cores()
 
-    def compute(host: str) -> tuple[int, tuple[int, ...] | None]:
-        """Threads and cores of an actor on ``host``: the node's cores, one thread each."""
-        cores = topology.cores_for(host)
-        return config.threads or (len(cores) if cores else 1), cores
 
-    placement = place(topology, cluster)
-    hops = round_hops(topology)
-    mode = topology.emulate
-    calls = RemoteCalls(config.timeout_s, config.hop_timeout_s)
-    workers: list[Worker] = []
+def _compute(topology: Topology, config: SpecConfig, host: str) -> tuple[int, tuple[int, ...] | None]:
+    """Threads and cores of an actor on ``host``: the node's cores, one thread each."""
+    cores = topology.cores_for(host)
+    return config.threads or (len(cores) if cores else 1), cores
+
+
+def spawn_stages(config: SpecConfig, topology: Topology, model: str, split: list[range], hops: list,
+                 options: list[dict], cluster: bool, role: Callable[[int], str]) -> list[Worker]:
+    """Starts one :class:`StageActor` per stage of ``topology`` (loading happens in the actors).
+
+    Args:
+        model: the target model the stages slice.
+        split: the layers of each stage.
+        hops: the round's hops (``inproc.round_hops``: device -> stage 0 -> ... -> device), named
+            as the bytes are to be counted.
+        options: the Ray actor options of each stage (:func:`placement.place`).
+        role: the worker's name of stage ``i`` (recovery and errors name it).
+    """
+    workers = []
+    for i, layers in enumerate(split):
+        hop = hops[i]
+        link = links.emulated(hop.spec, topology.emulate, real_network=cluster)
+        inbound = InboundLink(hop.name, hop.direction, None if link.is_ideal else link)
+        threads, cores = _compute(topology, config, topology.stages[i])
+        spec = WorkerSpec(model, (layers.start, layers.stop), config.dtype, threads,
+                          config.cache_dir, cores, batch_sessions=config.batch_sessions)
+        out = hops[i + 1]  # the next stage's inbound hop, or the downlink after the last stage
+        args = (spec, inbound, cluster, InboundLink(out.name, out.direction))
+        spawn = functools.partial(StageActor.options(**options[i]).remote, *args)
+        spare = stand_in(topology, topology.stages[i]) if cluster else None
+        worker = Worker(role(i), spawn(), spawn=spawn)
+        if spare is not None:  # other nodes can host this stage once its own is gone
+            worker.stand_in = functools.partial(StageActor.options(**spare).remote, *args)
+            worker.needs = spare["resources"]
+        workers.append(worker)
+    return workers
+
+
+def spawn_draft(config: SpecConfig, topology: Topology, options: dict, cluster: bool, uplink) -> Worker | None:
+    """Starts the :class:`DraftActor` on the device node (None for target-only); its proposals'
+    encoding time is counted on ``uplink`` (the round's first hop)."""
+    if config.draft is None:
+        return None
+    threads, cores = _compute(topology, config, topology.device.name)
+    spec = WorkerSpec(config.draft, None, config.dtype, threads, config.cache_dir, cores,
+                      config.draft_quant, config.draft_head_rows, config.batch_sessions)
+    spawn = functools.partial(DraftActor.options(**options).remote, spec, cluster,
+                              InboundLink(uplink.name, uplink.direction))
+    return Worker(DRAFT, spawn(), spawn=spawn)
+
+
+def start(workers: list[Worker], calls: RemoteCalls, config: SpecConfig, info: ModelInfo) -> None:
+    """Readiness: every actor has loaded its model (errors surface here, before any round)."""
     try:
-        for i, layers in enumerate(split):
-            hop = hops[i]
-            link = links.emulated(hop.spec, mode, real_network=cluster)
-            inbound = InboundLink(hop.name, hop.direction, None if link.is_ideal else link)
-            threads, cores = compute(topology.stages[i])
-            spec = WorkerSpec(config.target, (layers.start, layers.stop), config.dtype, threads,
-                              config.cache_dir, cores, batch_sessions=config.batch_sessions)
-            out = hops[i + 1]  # the next stage's inbound hop, or the downlink after the last stage
-            args = (spec, inbound, cluster, InboundLink(out.name, out.direction))
-            spawn = functools.partial(StageActor.options(**placement.options[i + 1]).remote, *args)
-            spare = stand_in(topology, topology.stages[i]) if cluster else None
-            worker = Worker(f"stage{i}", spawn(), spawn=spawn)
-            if spare is not None:  # other nodes can host this stage once its own is gone
-                worker.stand_in = functools.partial(StageActor.options(**spare).remote, *args)
-                worker.needs = spare["resources"]
-            workers.append(worker)
-        stages = list(workers)
-        draft = None
-        if config.draft is not None:
-            threads, cores = compute(topology.device.name)
-            spec = WorkerSpec(config.draft, None, config.dtype, threads, config.cache_dir, cores,
-                              config.draft_quant, config.draft_head_rows, config.batch_sessions)
-            spawn = functools.partial(DraftActor.options(**placement.options[0]).remote, spec, cluster,
-                                      InboundLink(hops[0].name, hops[0].direction))
-            draft = Worker("draft", spawn(), spawn=spawn)
-            workers.append(draft)
-        # Readiness: every actor has loaded its model (errors surface here, before any round).
-        try:
-            ready = calls.call(workers, "ready", timeout_s=LOAD_TIMEOUT_S)
-        except (RemoteError, ray.exceptions.RayError) as exc:
-            raise RuntimeError(f"a worker failed to start: {exc}") from None
-        for w, answer in zip(workers, ready):
-            w.info = answer
-        if draft is not None:
-            check_vocab(draft.info["vocab_size"], info.vocab_size, config)
+        ready = calls.call(workers, "ready", timeout_s=LOAD_TIMEOUT_S)
+    except (RemoteError, ray.exceptions.RayError) as exc:
+        raise RuntimeError(f"a worker failed to start: {exc}") from None
+    for w, answer in zip(workers, ready):
+        w.info = answer
+    for w in workers:
+        if w.role == DRAFT:
+            check_vocab(w.info["vocab_size"], info.vocab_size, config)
+
+
+@contextlib.contextmanager
+def killed_on_failure(workers: list[Worker], placement: Placement):
+    """Stops every worker started so far (and the placement group) when the build fails."""
+    try:
+        yield
     except BaseException:
         _kill(workers, placement)
         raise
-    traffic = RayTraffic(workers, calls)
-    down = hops[-1]
-    downlink = links.emulated(down.spec, mode, real_network=cluster)
-    target = RayTarget(stages, draft, downlink, down.name, traffic, info.vocab_size, calls, hops[0].name)
+
+
+def ray_backend(target, draft: Worker | None, workers: list[Worker], placement: Placement, calls: RemoteCalls,
+                info: ModelInfo, tokenizer, topology: Topology, cluster: bool, device_links: tuple[str, ...],
+                num_stages: int) -> Backend:
+    """The :class:`Backend` of started Ray workers: their bytes, their shutdown, where they run."""
     drafter = RayDrafter(draft, calls) if draft is not None else None
-    backend = Backend(drafter, target, info, tokenizer, traffic,
-                      device_links=(hops[0].name, hops[-1].name), num_stages=len(stages))
+    backend = Backend(drafter, target, info, tokenizer, target.traffic, device_links=device_links,
+                      num_stages=num_stages)
     backend.close = lambda: _kill(workers, placement)
     backend.workers = [{"role": w.role, **w.info} for w in workers]
     # Separate machines, or one machine whose device cores are the draft's alone: overlap pays.
@@ -231,22 +314,32 @@ def _kill(workers: list[Worker], placement: Placement) -> None:
         placement.group = None
 
 
-def build_local(config: SpecConfig) -> Backend:
-    """Starts Ray on this machine if needed (every worker its own process) and builds the pipeline."""
-    if not ray.is_initialized():
+def connect(cluster: bool, topology: str | None) -> None:
+    """Connects this process to Ray: ``local`` (``cluster`` False) starts Ray on this machine if
+    needed, every worker its own process; a cluster is joined at ``RAY_ADDRESS`` or ``"auto"`` and
+    needs a ``topology`` file naming the nodes the workers are placed on."""
+    if cluster and not topology:
+        raise ValueError("the cluster backend needs a topology file naming the nodes (topology=...)")
+    if ray.is_initialized():
+        return
+    if cluster:
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+    else:
         ray.init(include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"SPECMESH_CACHE": os.environ.get("SPECMESH_CACHE", "")}}
                  if os.environ.get("SPECMESH_CACHE") else None)
+
+
+def build_local(config: SpecConfig) -> Backend:
+    """Starts Ray on this machine if needed (every worker its own process) and builds the pipeline."""
+    connect(False, config.topology)
     return _build(config, cluster=False)
 
 
 def build_cluster(config: SpecConfig) -> Backend:
     """Connects to a running Ray cluster (``RAY_ADDRESS`` or ``address="auto"``) and places workers
     on the nodes that the topology names."""
-    if not config.topology:
-        raise ValueError("the cluster backend needs a topology file naming the nodes (topology=...)")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+    connect(True, config.topology)
     return _build(config, cluster=True)
 
 

@@ -142,25 +142,79 @@ class RemoteCalls:
             RemoteError: naming the receiver of the first hop that missed its deadline (a stalled
                 link, a stuck worker or an unreachable node), or the worker that died.
         """
+        return self.await_chains([chain], session_id, rnd)[0][0]
+
+    def await_chains(self, chains: list[list[tuple[Worker, ray.ObjectRef]]], session_id: str,
+                     rnd: int) -> list[tuple[bytes, float]]:
+        """:meth:`await_chain` for several chains of one round in flight at once (SpecFed: one per
+        federated worker), waited on together: one round deadline for all, each hop its own clock.
+
+        Returns:
+            per chain, its last answer and the ``time.monotonic()`` at which it was seen ready.
+
+        Raises:
+            RemoteError: as :meth:`await_chain`, for the first chain found failing or late.
+        """
         deadline = time.monotonic() + self.timeout_s
         if self.hop_timeout_s is not None:
-            for k, (worker, ref) in enumerate(chain):
-                left = deadline - time.monotonic()
-                # Where the answer lies, not fetched: frames go actor to actor (see round_failed).
-                done, _ = ray.wait([ref], timeout=max(0.0, min(self.hop_timeout_s, left)), fetch_local=False)
-                if done:
-                    continue
-                if left <= self.hop_timeout_s:
-                    break  # the round's own deadline came first: round_failed says so below
-                self.unresponsive.add(worker.role)
-                sender = chain[k - 1][0].role if k else "the driver"
-                raise RemoteError(f"round {rnd} of session {session_id}: the hop {sender} -> {worker} "
-                                  f"missed its {self.hop_timeout_s:g} s deadline ({worker.role} is stuck, "
-                                  "its link stalled, or its node is unreachable)", worker.role)
-        try:
-            return ray.get(chain[-1][1], timeout=max(0.0, deadline - time.monotonic()))
-        except ray.exceptions.RayError as exc:  # GetTimeoutError included
-            raise self.round_failed(chain, session_id, rnd, exc) from None
+            self._await_hops(chains, session_id, rnd, deadline)
+        return self._await_last(chains, session_id, rnd, deadline)
+
+    def _await_hops(self, chains: list[list[tuple[Worker, ray.ObjectRef]]], session_id: str, rnd: int,
+                    deadline: float) -> None:
+        """Every hop of every chain, each within ``hop_timeout_s`` of the answer before it; returns
+        when all have answered or the round's own deadline comes first (:meth:`_await_last` says so)."""
+        hop_s = self.hop_timeout_s
+        at = [0] * len(chains)  # per chain, the hop it waits for
+        since = [time.monotonic()] * len(chains)  # when that hop's clock started
+        while True:
+            waiting = [c for c, chain in enumerate(chains) if at[c] < len(chain)]
+            if not waiting:
+                return
+            first = min(waiting, key=lambda c: since[c])  # the hop whose deadline comes first
+            now = time.monotonic()
+            left, hop_left = deadline - now, since[first] + hop_s - now
+            of_ref: dict[ray.ObjectRef, list[int]] = {}  # chains may share a hop (the draft's)
+            for c in waiting:
+                of_ref.setdefault(chains[c][at[c]][1], []).append(c)
+            # Where the answer lies, not fetched: frames go actor to actor (see round_failed).
+            done, _ = ray.wait(list(of_ref), num_returns=1, timeout=max(0.0, min(hop_left, left)),
+                               fetch_local=False)
+            if done:
+                t = time.monotonic()
+                for ref in done:
+                    for c in of_ref[ref]:
+                        at[c], since[c] = at[c] + 1, t
+                continue
+            if left <= hop_left:
+                return  # the round's own deadline came first
+            k = at[first]
+            worker = chains[first][k][0]
+            self.unresponsive.add(worker.role)
+            sender = chains[first][k - 1][0].role if k else "the driver"
+            raise RemoteError(f"round {rnd} of session {session_id}: the hop {sender} -> {worker} "
+                              f"missed its {hop_s:g} s deadline ({worker.role} is stuck, "
+                              "its link stalled, or its node is unreachable)", worker.role)
+
+    def _await_last(self, chains: list[list[tuple[Worker, ray.ObjectRef]]], session_id: str, rnd: int,
+                    deadline: float) -> list[tuple[bytes, float]]:
+        """Every chain's last answer, fetched, by ``deadline``; the first chain that fails (a worker
+        died, or none answers in time) raises :meth:`round_failed` at once, not at the deadline."""
+        out: list = [None] * len(chains)
+        pending = {chain[-1][1]: c for c, chain in enumerate(chains)}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                c = min(pending.values())
+                late = ray.exceptions.GetTimeoutError(f"no answer within {self.timeout_s:g} s")
+                raise self.round_failed(chains[c], session_id, rnd, late)
+            for ref in done:
+                c = pending.pop(ref)
+                try:
+                    out[c] = (ray.get(ref, timeout=max(0.0, deadline - time.monotonic())), time.monotonic())
+                except ray.exceptions.RayError as exc:  # GetTimeoutError included
+                    raise self.round_failed(chains[c], session_id, rnd, exc) from None
+        return out
 
     def round_failed(self, chain: list[tuple[Worker, ray.ObjectRef]], session_id: str, rnd: int,
                      exc: BaseException) -> RemoteError:

