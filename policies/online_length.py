@@ -46,7 +46,7 @@ from .tkslt import DiscountedFit
 DEPTH_PRIOR = 10.0  # tests' worth of the pooled rate in a depth's keep estimate
 ARM_PRIOR = 4.0  # rounds' worth of the affine fit in an arm's time estimate
 CLIP = 1.5  # a round's time counts at most this many times its prediction (~5% of rounds on 2 cores)
-MIN_ROUNDS = 2.0  # discounted rounds measured before the incumbent moves
+MIN_ROUNDS = 1.0  # discounted rounds measured (after the prefill) before the incumbent moves
 PROBE_SHARE = 4  # the probe step is gamma / PROBE_SHARE (at least 1)
 
 
