@@ -140,3 +140,46 @@ def forward_many(stage: hf.StageModel, fed: Sequence[Fed]) -> list[torch.Tensor]
             span = slice(lmax, lmax + counts[i])
             f.cache.update(layer.keys[i : i + 1, :, span], layer.values[i : i + 1, :, span], index)
     return [out[i, : counts[i]] for i in range(batch)]
+
+
+# A session feeding more than this many tokens (a prefill: its whole prompt) and several times the
+# batch's typical count runs in a forward of its own: batched, every other row would be padded to
+# its length, and a forward's cost grows with the padded tokens, not the real ones.
+LONG_FED = 32
+LONG_RATIO = 4
+
+
+def padding_groups(counts: Sequence[int]) -> list[list[int]]:
+    """Splits a batch by fed-token counts: each long item (more than :data:`LONG_FED` tokens and
+    :data:`LONG_RATIO` times the median count) alone, every other item in one group.
+
+    Returns:
+        groups of indices into ``counts``, together covering each index once, the batched group
+        first (empty groups left out).
+    """
+    if not counts:
+        return []
+    median = sorted(counts)[(len(counts) - 1) // 2]
+    long = [i for i, n in enumerate(counts) if n > LONG_FED and n > LONG_RATIO * median]
+    short = [i for i in range(len(counts)) if i not in set(long)]
+    return ([short] if short else []) + [[i] for i in long]
+
+
+def forward_alone(stage: hf.StageModel, f: Fed) -> torch.Tensor:
+    """One session's forward on its own (``hf.forward``): ``[n, hidden_size]``."""
+    kw = {"input_ids": f.input_ids} if stage.is_first else {"hidden": f.hidden}
+    return hf.forward(stage, f.cache, position_ids=f.positions, attention_mask=f.mask, **kw)
+
+
+def forward_grouped(stage: hf.StageModel, fed: Sequence[Fed]) -> list[torch.Tensor]:
+    """:func:`forward_many` over :func:`padding_groups`: sessions of similar counts in one forward,
+    a prefill among decoding rounds in its own. Same results as :func:`forward_many`."""
+    out: list = [None] * len(fed)
+    for group in padding_groups([f.num_fed for f in fed]):
+        if len(group) == 1:
+            hiddens = [forward_alone(stage, fed[group[0]])]
+        else:
+            hiddens = forward_many(stage, [fed[i] for i in group])
+        for i, h in zip(group, hiddens):
+            out[i] = h
+    return out

@@ -47,14 +47,17 @@ class BatchedDraftWorker(DraftWorker):
         s.cached.extend(context[start:stop])
         return logits
 
+    def close(self, session_id: str) -> dict[str, int]:
+        """As :meth:`DraftWorker.close`; the batcher stops waiting for the session's forwards."""
+        s = self.sessions.get(session_id)
+        if s is not None:
+            self.batcher.forget(id(s))
+        return super().close(session_id)
+
     def _logits_many(self, fed: list[batched.Fed]) -> list[torch.Tensor]:
         """One forward over every session's fed tokens, one LM head over their last rows -> per
         session the logits ``[V]`` after its last fed token."""
-        if len(fed) == 1:
-            f = fed[0]
-            hiddens = [hf.forward(self.model, f.cache, input_ids=f.input_ids, position_ids=f.positions)]
-        else:
-            hiddens = batched.forward_many(self.model, fed)
+        hiddens = batched.forward_grouped(self.model, fed)
         logits = hf.lm_head(self.model, torch.stack([h[-1] for h in hiddens]))  # [B, V]
         return list(logits.unbind(0))
 

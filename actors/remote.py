@@ -272,6 +272,8 @@ class StageActor(_Base):
 
     def close(self, session_id: str) -> None:
         self.worker.close(session_id)
+        if self._batcher is not None:
+            self._batcher.forget(session_id)
 
     async def step(self, data: bytes | ray.ObjectRef) -> bytes | ray.ObjectRef:
         """One round's message (bytes, or a reference to them on the sender's node) -> the next

@@ -113,7 +113,7 @@ class TargetStage:
                 out[i] = exc
         fed = [self._fed(msg, s, proposal, positions, mask) for _, msg, s, proposal, positions, mask in admitted]
         try:
-            hiddens: list = batched.forward_many(self.model, fed)
+            hiddens: list = batched.forward_grouped(self.model, fed)
         except Exception:  # one bad input (e.g. hidden states of the wrong width) fails only itself
             hiddens = [self._forward_alone(f) for f in fed]
         for (i, msg, s, proposal, _, _), hidden in zip(admitted, hiddens):
@@ -174,8 +174,7 @@ class TargetStage:
 
     def _forward_alone(self, f: batched.Fed) -> torch.Tensor | Exception:
         try:
-            kw = {"input_ids": f.input_ids} if self.model.is_first else {"hidden": f.hidden}
-            return hf.forward(self.model, f.cache, position_ids=f.positions, attention_mask=f.mask, **kw)
+            return batched.forward_alone(self.model, f)
         except Exception as exc:
             return exc
 

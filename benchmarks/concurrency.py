@@ -10,7 +10,11 @@ Each client is one session (``SpecMesh.generate_many`` with one thread per clien
 once, each with its own prompt (HumanEval for the bundled pair, seeded random ids for tiny models)
 and the same ``--max-new-tokens``. Aggregate tokens/s = every client's tokens / the wall time of the
 wave; time per output token (TPOT) per client = (its wall time - its first round) / (its tokens
-after the first round), as vLLM counts it; p50/p95 over the clients of the wave. Each engine is
+after the first round), as vLLM counts it; p50/p95 over the clients of the wave; decode tokens/s =
+the clients' 1 / TPOT summed, the throughput once the prompts are in (prefill is compute-bound:
+sixteen prompts cost sixteen times one, batched or not, so at short outputs it dominates the
+aggregate). Modes: ``batched`` (lockstep rounds, the default engine), ``free`` (batched forwards,
+sessions not held in step), ``unbatched`` (``batch_sessions=1``). Each engine is
 warmed up with one generation first. The draft is batched only when it is not int8 (its q would
 depend on its neighbours): ``--draft-quant none`` (the default here) batches it.
 """
@@ -37,6 +41,8 @@ class Wave:
     wall_s: float
     tpot_ms: list[float]
     batches: dict[int, int]  # target stage 0's forwards by batch size during the wave (in process)
+    together: float | None = None  # sessions that started a round together, mean per gate cycle
+    in_flight: float | None = None  # sessions in flight at those moments, mean per gate cycle
 
     @property
     def tokens_per_s(self) -> float:
@@ -46,6 +52,11 @@ class Wave:
         """The ``q`` quantile (0..1) of the clients' time per output token, ms."""
         xs = sorted(self.tpot_ms)
         return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """The clients' decoding rates summed (each 1 / its TPOT): throughput once prompts are in."""
+        return sum(1e3 / t for t in self.tpot_ms if t > 0)
 
     @property
     def mean_batch(self) -> float | None:
@@ -74,23 +85,30 @@ def _stage0_batches(engine: SpecMesh) -> dict[int, int]:
     return dict(per_stage[0]) if per_stage else {}
 
 
+def _gate_stats(engine: SpecMesh) -> dict[str, int]:
+    return engine.gate.stats() if engine.gate is not None else {"cycles": 0, "sessions": 0, "members": 0}
+
+
 def run_wave(engine: SpecMesh, mode: str, models: str, clients: int, max_new_tokens: int) -> Wave:
-    before = _stage0_batches(engine)
+    before, gate_before = _stage0_batches(engine), _gate_stats(engine)
     t0 = time.perf_counter()
     results = engine.generate_many(prompts(models, clients), concurrency=clients, max_new_tokens=max_new_tokens)
     wall = time.perf_counter() - t0
-    after = _stage0_batches(engine)
+    after, gate_after = _stage0_batches(engine), _gate_stats(engine)
     batches = {k: c - before.get(k, 0) for k, c in after.items() if c - before.get(k, 0)}
+    cycles = gate_after["cycles"] - gate_before["cycles"]
+    together, in_flight = ((gate_after[k] - gate_before[k]) / cycles if cycles else None
+                           for k in ("sessions", "members"))
     return Wave(mode, clients, sum(len(r.output_ids) for r in results), wall,
-                [_tpot_ms(r.stats) for r in results], batches)
+                [_tpot_ms(r.stats) for r in results], batches, together, in_flight)
 
 
-def config_for(args, batch_sessions: int) -> SpecConfig:
+def config_for(args, batch_sessions: int, lockstep: bool = True) -> SpecConfig:
     m = MODELS[args.models]
     # A topology's nodes name their cores, and so their threads (one per core owned).
     threads = args.threads or (None if args.topology else m.threads)
     kw = dict(target=args.target or m.target, draft=args.draft or m.draft, dtype=args.dtype or m.dtype,
-              threads=threads, backend=args.backend, draft_quant=args.draft_quant, batch_sessions=batch_sessions,
+              threads=threads, backend=args.backend, draft_quant=args.draft_quant, batch_sessions=batch_sessions, lockstep=lockstep,
               gamma=args.gamma, max_new_tokens=args.max_new_tokens)
     if args.topology:
         from specmesh.cluster.inproc import config_from_topology
@@ -101,15 +119,19 @@ def config_for(args, batch_sessions: int) -> SpecConfig:
 
 def table(waves: list[Wave]) -> str:
     one = {w.mode: w.tokens_per_s for w in waves if w.clients == 1}
+    one_decode = {w.mode: w.decode_tokens_per_s for w in waves if w.clients == 1}
     unbatched = {w.clients: w.tokens_per_s for w in waves if w.mode == "unbatched"}
     rows = ["| mode | clients | tokens | aggregate tokens/s | x one client | x unbatched | "
-            "TPOT p50 ms | TPOT p95 ms | mean batch (stage 0) |", "|---|---|---|---|---|---|---|---|---|"]
+            "decode tokens/s (sum 1/TPOT) | x one client | TPOT p50 ms | TPOT p95 ms | mean batch (stage 0) | "
+            "sessions per round start (of in flight) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in waves:
         ratio = w.tokens_per_s / one[w.mode] if w.mode in one else float("nan")
         vs = w.tokens_per_s / unbatched[w.clients] if w.clients in unbatched else float("nan")
         batch = f"{w.mean_batch:.1f}" if w.mean_batch is not None else "-"
+        together = f"{w.together:.1f} of {w.in_flight:.1f}" if w.together is not None else "-"
+        dec = w.decode_tokens_per_s / one_decode[w.mode] if one_decode.get(w.mode) else float("nan")
         rows.append(f"| {w.mode} | {w.clients} | {w.tokens} | {w.tokens_per_s:.1f} | {ratio:.2f}x | {vs:.2f}x | "
-                    f"{w.tpot(0.5):.0f} | {w.tpot(0.95):.0f} | {batch} |")
+                    f"{w.decode_tokens_per_s:.1f} | {dec:.2f}x | {w.tpot(0.5):.0f} | {w.tpot(0.95):.0f} | {batch} | {together} |")
     return "\n".join(rows)
 
 
@@ -128,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="int8 drafts are never batched (see the module's docstring)")
     ap.add_argument("--dtype", default=None, help="default: the model set's (float32 tiny, auto bundled)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker")
-    ap.add_argument("--modes", default="batched,unbatched")
+    ap.add_argument("--modes", default="batched,unbatched",
+                    help="batched (lockstep rounds), free (batched, no lockstep), unbatched")
     ap.add_argument("--quick", action="store_true", help="clients 1,4; 12 tokens (a smoke run)")
     args = ap.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
@@ -138,15 +161,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--clients must be >= 1, got {args.clients}")
     clients = sorted(set(clients) | {1})  # one client is what every ratio is against
     modes = args.modes.split(",")
-    if not set(modes) <= {"batched", "unbatched"}:
-        raise SystemExit(f"--modes must name batched and/or unbatched, got {args.modes}")
+    if not set(modes) <= {"batched", "free", "unbatched"}:
+        raise SystemExit(f"--modes must name batched, free and/or unbatched, got {args.modes}")
     print(f"# concurrency: models {args.models}, backend {args.backend}, topology {args.topology or '-'}, "
           f"{args.max_new_tokens} tokens per client, gamma {args.gamma}, draft_quant {args.draft_quant}; "
           f"{cpu_summary()}")
     waves: list[Wave] = []
     for mode in modes:
-        batch = max(clients) if mode == "batched" else 1
-        with SpecMesh(config_for(args, batch)) as engine:
+        batch = 1 if mode == "unbatched" else max(clients)
+        with SpecMesh(config_for(args, batch, lockstep=mode != "free")) as engine:
             engine.generate(prompts(args.models, 1)[0], max_new_tokens=4)  # warm-up
             for c in clients:
                 waves.append(run_wave(engine, mode, args.models, c, args.max_new_tokens))

@@ -49,6 +49,10 @@ DraftQuant = Annotated[Optional[str], typer.Option(
 Threads = Annotated[Optional[int], typer.Option(help="Torch threads per worker. [default: one per core its node owns]")]
 BatchSessions = Annotated[Optional[int], typer.Option(
     help="Most concurrent sessions a target stage verifies in one forward (1 = off). [default: 16]")]
+Lockstep = Annotated[Optional[bool], typer.Option(
+    "--lockstep/--no-lockstep",
+    help="Concurrent sessions start their rounds together, so batched forwards serve them all "
+         "(with --batch-sessions > 1). [default: on]")]
 CacheDir = Annotated[Optional[str], typer.Option(help="Model cache. [default: $SPECMESH_CACHE or the user cache dir]")]
 
 
@@ -109,6 +113,7 @@ ENGINE_OPTIONS = (
     ("sparsifier", Sparsifier, None), ("sparse_k", SparseK, None), ("max_new_tokens", MaxNewTokens, None),
     ("seed", Seed, None), ("dtype", Dtype, None), ("draft_quant", DraftQuant, None),
     ("threads", Threads, None), ("cache_dir", CacheDir, None), ("batch_sessions", BatchSessions, None),
+    ("lockstep", Lockstep, None),
 )
 # Option name -> SpecConfig field, where they differ.
 _FIELD = {"stages": "num_stages"}

@@ -161,6 +161,8 @@ class InprocTarget:
     def close(self, session_id: str) -> None:
         for s in self.stages:
             s.close(session_id)
+        for b in self.batchers or ():
+            b.forget(session_id)
 
     def recover(self, role: str) -> bool:
         return False  # a worker in this process cannot die apart from it

@@ -19,6 +19,7 @@ from specmesh.policies.draft_length import resume
 
 from .config import SpecConfig
 from .interfaces import Backend
+from .lockstep import RoundGate
 from .scheduler import Generation, GenerationError  # noqa: F401  (part of the API)
 from .stop import StopRule
 from .stats import SessionStats
@@ -26,7 +27,7 @@ from .stats import SessionStats
 # Fields that decide which workers exist: they cannot change per call.
 # timeout_s too: the deadline of every remote wait is part of the built pipeline.
 _BUILD_FIELDS = ("target", "num_stages", "dtype", "backend", "threads", "cache_dir", "topology", "timeout_s",
-                "hop_timeout_s", "draft_quant", "draft_head_rows", "batch_sessions",
+                "hop_timeout_s", "draft_quant", "draft_head_rows", "batch_sessions", "lockstep",
                 "federated_workers", "federated_weights", "federated_k", "federated_strategy")
 
 # backend name -> "module:function" building a Backend from a SpecConfig.
@@ -86,6 +87,8 @@ class SpecMesh:
         # Per adaptive draft-length policy (with its options and sampling), the policy and gamma the
         # engine's last session of it ended with: the next session resumes there (policies.draft_length.resume).
         self._warm: dict[tuple, tuple] = {}
+        # Concurrent sessions start their rounds together, so that batched forwards serve them all.
+        self.gate = RoundGate() if config.batch_sessions > 1 and config.lockstep else None
 
     @property
     def tokenizer(self):
@@ -128,6 +131,7 @@ class SpecMesh:
         return Generation(
             backend, ids, cfg.sampling_params(), cfg.policy_map(), stop, policy,
             gamma, session_id, cfg.tree_width, self._overlap(cfg), on_finish=remember if adaptive else None,
+            gate=self.gate,
         )
 
     def forget_draft_lengths(self) -> None:

@@ -4,11 +4,13 @@ Sessions in flight at once each hand a worker one item per round (a stage's mess
 forward). Run one at a time, they queue; run together, one forward serves them all. The policy: items
 that arrive while a batch runs gather, and the next batch takes up to ``max_batch`` of them, oldest
 first. An item that finds the worker idle runs at once when it is the only caller about; when other
-callers have submitted recently (``active``: distinct callers, e.g. sessions, seen within a few
-batch times), it
-waits for them, at most ``linger`` times the last batch's run time (capped at ``MAX_LINGER_S``):
-sessions that drifted apart (each worker of a pipeline sees them at other moments) fall back into
-step instead of running in ones and twos. No leader thread of its own: the first caller that finds
+callers are about (``active``: distinct callers, e.g. sessions, that submitted within the last
+few batch times or :data:`ACTIVE_MIN_S`, and have not said goodbye with :meth:`forget`), it waits
+for them, at most ``linger`` times the last batch's run time (capped at ``MAX_LINGER_S``):
+sessions that start their rounds together (``runtime/lockstep.py``) reach each worker of a pipeline
+a few milliseconds apart, one after the other's codec and sampling, and run as one batch instead of
+in ones and twos. The window is long because a stage sees a session once per round, and a round
+of sixteen batched sessions takes seconds. No leader thread of its own: the first caller that finds
 the worker idle runs the batch for everyone in it, then hands over.
 
 Errors stay with their item: the batch function answers an exception in an item's place to fail
@@ -27,8 +29,9 @@ R = TypeVar("R")
 
 BatchFn = Callable[[Sequence[T]], Sequence["R | BaseException"]]
 
-MAX_LINGER_S = 0.25  # the longest an idle worker waits for callers it expects
-ACTIVE_WINDOW = 8.0  # a caller counts as active for this many batch run times after it submitted
+MAX_LINGER_S = 0.5  # the longest an idle worker waits for callers it expects
+ACTIVE_WINDOW = 8.0  # a caller counts as active for this many batch run times after it submitted,
+ACTIVE_MIN_S = 5.0  # and at least this many seconds (unless forgotten)
 
 
 class _Slot(Generic[T]):
@@ -104,13 +107,18 @@ class MicroBatcher(Generic[T, R]):
             raise slot.error
         return slot.value
 
+    def forget(self, caller: Hashable) -> None:
+        """``caller`` (a closed session) submits no more: nobody waits for it."""
+        with self._cond:
+            self._callers.pop(caller, None)
+
     def _gather(self) -> None:
         """Holding the lock with the worker idle: waits (bounded) until the callers active lately
         have submitted, or ``max_batch`` items are pending."""
         if self.linger <= 0 or self.max_batch == 1 or self._run_s <= 0:
             return
         now = time.monotonic()
-        horizon = now - ACTIVE_WINDOW * self._run_s
+        horizon = now - max(ACTIVE_WINDOW * self._run_s, ACTIVE_MIN_S)
         self._callers = {t: at for t, at in self._callers.items() if at >= horizon}
         want = min(self.max_batch, len(self._callers))
         deadline = now + min(MAX_LINGER_S, self.linger * self._run_s)

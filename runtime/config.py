@@ -69,6 +69,9 @@ class SpecConfig:
         timeout_s: deadline of every remote wait of a round on the Ray backends.
         batch_sessions: most concurrent sessions whose rounds a target stage verifies in one
             forward (batched rounds across sessions); 1 = off (each round its own forward).
+        lockstep: with ``batch_sessions > 1``, concurrent sessions start their rounds together
+            (``runtime/lockstep.py``), so that each worker's forward serves all of them instead of
+            the two or three that drifted in at the same moment; False lets them run freely.
         hop_timeout_s: deadline of each hop of a round on the Ray backends (a message reaching the
             next worker and that worker's answer), counted from the previous hop's answer; a hop
             that misses it fails its receiver by name, long before ``timeout_s`` (None: no per-hop
@@ -107,6 +110,7 @@ class SpecConfig:
     overlap: bool | None = None
     timeout_s: float = 300.0
     batch_sessions: int = 16
+    lockstep: bool = True
     hop_timeout_s: float | None = None
     federated_workers: tuple[str, ...] = ()  # SpecFed: one target model per worker (empty: off)
     federated_weights: tuple[float, ...] = ()  # one weight per worker, normalised (empty: equal)

@@ -19,6 +19,7 @@ from specmesh.policies.draft_length import RoundObservation
 from specmesh.policies.split import SPLIT, verification_mode
 
 from .interfaces import Backend, WorkerFailure
+from .lockstep import RoundGate
 from .messages import DraftProposal, OpenSession, ProposeRequest, SamplingParams
 from .session import DRAFT, Session, stage_role
 from .sparse import SparseDist
@@ -67,6 +68,8 @@ class Generation:
         tree_width: candidates per depth (1: a chain).
         overlap: draft the next round while this one is verified.
         on_finish: called with the generation once it has ended (finished, failed or closed).
+        gate: the engine's :class:`~specmesh.runtime.lockstep.RoundGate`: every round after the
+            first starts together with the other sessions' (None: free-running).
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class Generation:
         tree_width: int = 1,
         overlap: bool = False,
         on_finish=None,
+        gate: RoundGate | None = None,
     ) -> None:
         info = backend.info
         if not prompt_ids:
@@ -110,6 +114,7 @@ class Generation:
         self._width = tree_width
         self._overlap = overlap
         self._on_finish = on_finish
+        self._gate = gate
         self._opened: OpenSession | None = None
         self._recoveries = 0
         self._draft_down = False  # the draft failed: target-only rounds until it is back
@@ -141,10 +146,23 @@ class Generation:
     def __iter__(self) -> Iterator[list[int]]:
         self._opened = OpenSession(self.session_id, self.params, self.policy)
         t_start = time.perf_counter()
+        sid, gate = self.session_id, self._gate
         try:
+            if gate is not None:
+                gate.join(sid)
             self._open_everywhere()
             while self.session.finish_reason is None:
-                yield self._resilient_round()
+                prefill = self.session.round == 0  # never waits, and is no measure of a round
+                if gate is not None and not prefill:
+                    gate.arrive(sid)
+                t_round = time.perf_counter()
+                new = self._resilient_round()
+                if gate is not None:
+                    if not prefill:
+                        gate.observe(time.perf_counter() - t_round)
+                    if self.session.finish_reason is not None:
+                        gate.leave(sid)  # before the consumer sees the last tokens
+                yield new
         except GeneratorExit:
             raise
         except Exception as exc:
@@ -152,6 +170,8 @@ class Generation:
                                   self.session_id) from exc
         finally:
             self.stats.wall_s = time.perf_counter() - t_start
+            if gate is not None:
+                gate.leave(sid)
             self._cleanup()
             if self._on_finish is not None:
                 self._on_finish(self)
