@@ -160,8 +160,9 @@ def padding_groups(counts: Sequence[int]) -> list[list[int]]:
     if not counts:
         return []
     median = sorted(counts)[(len(counts) - 1) // 2]
-    long = [i for i, n in enumerate(counts) if n > LONG_FED and n > LONG_RATIO * median]
-    short = [i for i in range(len(counts)) if i not in set(long)]
+    alone = [n > LONG_FED and n > LONG_RATIO * median for n in counts]
+    long = [i for i, a in enumerate(alone) if a]
+    short = [i for i, a in enumerate(alone) if not a]
     return ([short] if short else []) + [[i] for i in long]
 
 

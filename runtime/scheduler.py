@@ -155,13 +155,11 @@ class Generation:
                 prefill = self.session.round == 0  # never waits, and is no measure of a round
                 if gate is not None and not prefill:
                     gate.arrive(sid)
-                t_round = time.perf_counter()
                 new = self._resilient_round()
-                if gate is not None:
-                    if not prefill:
-                        gate.observe(time.perf_counter() - t_round)
-                    if self.session.finish_reason is not None:
-                        gate.leave(sid)  # before the consumer sees the last tokens
+                if gate is not None and not prefill:
+                    gate.observe(self.stats.records[-1].wall_ms / 1e3)  # the round's own clock
+                if gate is not None and self.session.finish_reason is not None:
+                    gate.leave(sid)  # before the consumer sees the last tokens
                 yield new
         except GeneratorExit:
             raise
