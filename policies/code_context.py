@@ -10,7 +10,11 @@ each drafted position gets a *kind*:
   docstring), which the program does not execute;
 - ``CODE``: every character is code or a one-line string literal (whose content matters);
 - ``BOUNDARY``: the token opens or closes a comment or a docstring (``#``, ``\"\"\"``, the newline
-  that ends a comment), or is a control token (``<|endoftext|>``): structure, so always important.
+  that ends a comment), or is a control token (``<|endoftext|>``): structure, so always important;
+- ``LEAD``: a prose token that holds the first letter or digit of its comment or docstring: the
+  opening word, which decides what the span says. In a code model's output a comment is the plan of
+  the lines under it (``# Iterate over ...``, ``# Your code here`` then ``pass``), and a plan that
+  starts on another word is another plan; the words after it follow where it points.
 
 It runs where the verification runs (the last target stage) from what every round's proposal
 carries there: the stage keeps the session's token ids (``rollback`` cached positions, then the
@@ -32,7 +36,7 @@ import torch
 from .importance import is_special, token_text
 
 CODE_MODE, COMMENT, STRING, DOCSTRING = 0, 1, 2, 3
-PROSE, CODE, BOUNDARY = 0, 1, 2  # kinds of a token
+PROSE, CODE, BOUNDARY, LEAD = 0, 1, 2, 3  # kinds of a token
 _PROSE_MODES = (COMMENT, DOCSTRING)
 _CACHE_ENTRIES = 4
 _texts: dict[int, tuple[Sequence[str], list[str]]] = {}
@@ -48,12 +52,14 @@ class LexState(NamedTuple):
         run: in ``CODE_MODE``, quotes seen so far of an opening (1 or 2; 3 opens a docstring); in
             ``DOCSTRING``, closing quotes seen so far.
         escape: the previous character was a backslash inside a literal.
+        opening: inside a comment or docstring whose first letter or digit is still to come.
     """
 
     mode: int = CODE_MODE
     quote: str = ""
     run: int = 0
     escape: bool = False
+    opening: bool = True
 
 
 START = LexState()
@@ -61,7 +67,7 @@ START = LexState()
 
 def _step(s: LexState, c: str) -> LexState:
     """The state after character ``c``."""
-    mode, quote, run, escape = s
+    mode, quote, run, escape, _ = s
     if mode == CODE_MODE:
         if run:  # an opening of ``run`` quotes so far
             if c == quote:
@@ -92,17 +98,27 @@ def _in_prose(s: LexState) -> bool:
 
 def scan(state: LexState, text: str) -> tuple[LexState, int]:
     """Runs ``text`` from ``state``: the state after it and its kind (``PROSE`` when every character
-    stays inside a comment or docstring, ``BOUNDARY`` when one enters or leaves one, else ``CODE``;
-    an empty text takes the kind of where it stands)."""
+    stays inside a comment or docstring, ``LEAD`` when one of them is the span's first letter or
+    digit, ``BOUNDARY`` when one enters or leaves a span, else ``CODE``; an empty text takes the kind
+    of where it stands)."""
     prose = _in_prose(state)
-    kind = PROSE if prose else CODE
+    kind, lead = (PROSE if prose else CODE), False
     for c in text:
-        state = _step(state, c)
-        now = _in_prose(state)
+        nxt = _step(state, c)
+        now = _in_prose(nxt)
+        if now:
+            # a span just entered is still opening; within one, the flag passes on until a letter
+            opening = state.opening if prose else True
+            if prose and opening and c.isalnum():
+                lead, opening = True, False
+            if nxt.opening != opening:
+                nxt = nxt._replace(opening=opening)
+        elif not nxt.opening:
+            nxt = nxt._replace(opening=True)
         if now != prose:
             kind = BOUNDARY
-        prose = now
-    return state, kind
+        state, prose = nxt, now
+    return state, (LEAD if lead and kind == PROSE else kind)
 
 
 def token_texts(vocab: Sequence[str]) -> list[str]:

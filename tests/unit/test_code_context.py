@@ -7,7 +7,9 @@ import torch
 from specmesh.actors import hf, tiny
 from specmesh.actors.draft import DraftWorker
 from specmesh.actors.stage import TargetStage
-from specmesh.policies.code_context import BOUNDARY, CODE, PROSE, START, SourceContext, scan, token_texts
+from specmesh.policies.catalog import ACCEPTANCE
+from specmesh.policies.code_context import BOUNDARY, CODE, LEAD, PROSE, START, SourceContext, scan, token_texts
+from specmesh.policies.importance import lexical_table
 from specmesh.runtime.messages import OpenSession, ProposeRequest, SamplingParams
 
 
@@ -19,27 +21,32 @@ def kinds_of(pieces: list[str]) -> list[int]:
     return out
 
 
-P, C, B = PROSE, CODE, BOUNDARY
+P, C, B, L = PROSE, CODE, BOUNDARY, LEAD
 
 
 @pytest.mark.parametrize("pieces, want", [
-    # a comment: the '#' opens it (boundary), its words are prose, the newline closes it
-    (["x", " =", " 1", "  #", " add", " one", "\n", "y"], [C, C, C, B, P, P, B, C]),
+    # a comment: the '#' opens it (boundary), its first word leads, the rest is prose, the newline
+    # closes it
+    (["x", " =", " 1", "  #", " add", " one", "\n", "y"], [C, C, C, B, L, P, B, C]),
     # a docstring: the opening and closing triple quotes are boundaries, the text between prose
-    (["def", " f", "():", "\n   ", ' """', "Return", " the", " sum", ".", '"""', "\n   ", " return"],
-     [C, C, C, C, B, P, P, P, P, B, C, C]),
+    # (its first word, after the newline and indentation, leads)
+    (["def", " f", "():", "\n   ", ' """', "\n    ", "Return", " the", " sum", ".", '"""', "\n   ", " return"],
+     [C, C, C, C, B, P, L, P, P, P, B, C, C]),
     # triple quotes split over tokens, single quotes likewise
-    (['"', '"', '"', "a", "'''", '"', '"', '"', "b"], [C, C, B, P, P, P, P, B, C]),
-    (["'''", "doc", "'''"], [B, P, B]),
+    (['"', '"', '"', "a", "'''", '"', '"', '"', "b"], [C, C, B, L, P, P, P, B, C]),
+    (["'''", "doc", "'''"], [B, L, B]),
     # a one-line string literal is code, whatever it holds (a '#' in it starts no comment)
-    (["y", " =", " '#", " the", "'", " #", " c"], [C, C, C, C, C, B, P]),
+    (["y", " =", " '#", " the", "'", " #", " c"], [C, C, C, C, C, B, L]),
     (["s", "=", "'it\\'s", " the", "'", " x"], [C, C, C, C, C, C]),
-    (['""', " #", " c"], [C, B, P]),  # an empty literal, then a comment
+    (['""', " #", " c"], [C, B, L]),  # an empty literal, then a comment
     # a docstring with an escaped quote inside stays open; a newline ends an unclosed literal
-    (['"""', 'a \\"""', " b", '"""'], [B, P, P, B]),
-    (["'abc", "\n", "#", "x"], [C, C, B, P]),
-    # a token spanning code and prose is a boundary
+    (['"""', 'a \\"""', " b", '"""'], [B, L, P, B]),
+    (["'abc", "\n", "#", "x"], [C, C, B, L]),
+    # only the first piece of the first word leads; each new span leads again; a digit leads too
+    (["#", " ", "Iter", "ate", " all", "\n", "#", " 2", " more"], [B, P, L, P, P, B, B, L, P]),
+    # a token spanning code and prose is a boundary, its first word in it or not
     (["x  # comment"], [B]),
+    (["x", " #", "\n"], [C, B, B]),  # an empty comment: no word led
 ])
 def test_kinds(pieces, want):
     assert kinds_of(pieces) == want
@@ -51,7 +58,7 @@ def test_source_context_follows_rounds_and_rollbacks():
     assert token_texts(vocab) is texts
     src = SourceContext(texts)
     # round 1: prompt "x = 1", candidates " #", " note", " word"
-    assert src.kinds(0, [0, 1, 2], torch.tensor([3, 4, 5])).tolist() == [B, P, P]
+    assert src.kinds(0, [0, 1, 2], torch.tensor([3, 4, 5])).tolist() == [B, L, P]
     # round 2: two accepted (" #", " note"), the correction " word" committed, candidates in the comment
     assert src.kinds(5, [5], torch.tensor([4, 6, 0])).tolist() == [P, B, C]
     # round 3: rollback into code before the comment: the same tokens are code/boundary again
@@ -102,3 +109,20 @@ def test_stage_relaxes_comment_positions_and_never_code(tmp_path):
     assert any(ref < g for ref, _, g in prose), "the noisy draft should be rejected somewhere"
     code = _run_rounds(words, draft, target)
     assert all(ref == mine for ref, mine, _ in code)
+
+
+def test_the_opening_word_of_a_comment_is_exact_unless_lead_is_off():
+    vocab = ["x", " =", " 1", " #", " Your", " code", " here", "\n", " pass"]
+    texts, table = token_texts(vocab), lexical_table(vocab)
+    rounds = (0, [0, 1, 2], torch.tensor([3, 4, 5, 6, 7, 8]))  # "x = 1" then " # Your code here\n pass"
+    on = ACCEPTANCE.get("importance")({"importance_strength": 1.0}, vocab)
+    off = ACCEPTANCE.get("importance")({"importance_strength": 1.0, "importance_lead": False}, vocab)
+    assert on.lead and not off.lead
+    lex_on, prose_on = on.round_lexicon(on.source_context(), *rounds)
+    lex_off, prose_off = off.round_lexicon(off.source_context(), *rounds)
+    # " #" and the newline are structure, " pass" a name; " Your" leads the comment
+    assert lex_on.tolist() == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    assert lex_off.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    assert prose_on.tolist() == prose_off.tolist() == [False, True, True, True, False, False]
+    with pytest.raises(ValueError, match="importance_lead"):
+        ACCEPTANCE.get("importance")({"importance_lead": "sometimes"}, vocab)
