@@ -6,7 +6,9 @@ seeds. An adaptive policy runs as an engine runs it: its first session starts af
 gamma (``lengths_start_gamma``), and each later one (the next prompt, the next repetition) resumes
 the state the last one ended with (``SpecMesh`` carries it; ``policies.draft_length.resume``). A
 session is a few dozen rounds, and relearning from scratch every prompt is not how an engine that
-serves many requests runs. :func:`compare_to_best_static` finds the best static gamma of the sweep and where each
+serves many requests runs. With ``--warmup-problems`` the first sessions are those problems, served
+unmeasured (:func:`warm_up`): the measured prompts then meet an engine that has served requests on
+these links before, as a server's would, instead of one just started. :func:`compare_to_best_static` finds the best static gamma of the sweep and where each
 variant lands relative to it (the issue's goal: an adaptive policy within 5% of it, without being told
 the links). No target-only baseline runs: the best static gamma is the reference.
 """
@@ -47,12 +49,13 @@ def scenario_lengths(b: Bench) -> dict:
             raise ValueError(f"lengths_start_gamma {grid.lengths_start_gamma}: the bench's engines start "
                              f"adaptive sessions at their gamma, {engine.config.gamma}")
         engine.forget_draft_lengths()  # what an earlier scenario's sessions taught it
+        warmed = warm_up(b, engine, runs, lat, {"max_new_tokens": n_tokens, "temperature": temperature})
         m = b.measure(f"lengths: {lat:g} ms/hop", engine, prompts, runs,
                       common={"max_new_tokens": n_tokens, "temperature": temperature},
                       seeds=lambda i, r: problem_seed(b.options.seed, indices[i], r))
         add_mean_gamma(m)
         point = {"latency_ms": lat, "links": topo.describe_links(), "topology_file": str(path),
-                 "config": config_dict(engine), **m}
+                 "config": config_dict(engine), "warmup": warmed, **m}
         point["best_static"] = compare_to_best_static(point)
         point["modelled"] = modelled_rates(point)
         best, mod = point["best_static"], point["modelled"]
@@ -68,7 +71,29 @@ def scenario_lengths(b: Bench) -> dict:
     return {"prompts": [p for p, _ in prompts], "max_new_tokens": n_tokens, "temperature": temperature,
             "num_stages": grid.lengths_stages, "gammas": list(grid.lengths_gammas),
             "adaptive": list(grid.lengths_adaptive), "start_gamma": grid.lengths_start_gamma,
-            "within": WITHIN, "bandwidth_mbps": b.options.bandwidth_mbps, "points": points}
+            "within": WITHIN, "bandwidth_mbps": b.options.bandwidth_mbps,
+            "warmup_prompts": [p for p, _ in b.warmup_prompts()], "points": points}
+
+
+def warm_up(b: Bench, engine, runs: list[Variant], latency_ms: float, common: dict) -> dict:
+    """Serves ``--warmup-problems`` once with every adaptive variant, unmeasured (each resumes what it
+    learnt when the measured prompts begin); the static ones keep no state and skip it. Returns the
+    warm-up's drafted tokens per round per adaptive variant (empty without warm-up problems)."""
+    prompts = b.warmup_prompts()
+    adaptive = [v for v in runs if v.overrides["draft_length"] != STATIC]
+    if not prompts:
+        return {}
+    task = b.progress.add_task(f"lengths: {latency_ms:g} ms/hop, warm-up", total=len(prompts) * len(adaptive))
+    mean_gamma = {}
+    for v in adaptive:
+        rounds = drafted = 0
+        for index, (_, prompt) in zip(b.options.warmup_problems, prompts):
+            res = engine.generate(prompt, **{**common, "seed": problem_seed(b.options.seed, index), **v.overrides})
+            rounds, drafted = rounds + res.stats.rounds, drafted + res.stats.drafted
+            b.progress.advance(task)
+        mean_gamma[v.label] = drafted / rounds if rounds else None
+    b.progress.remove_task(task)
+    return {"mean_gamma": mean_gamma}
 
 
 def add_mean_gamma(measured: dict) -> None:

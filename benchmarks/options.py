@@ -128,6 +128,12 @@ class BenchOptions:
         gammas: the static gammas of ``gamma`` and ``lengths`` (None: the grid's); ``quality``: one
             value, the gamma of every variant (None: the engine's).
         adaptive: ``lengths``'s adaptive draft-length policies (None: the grid's).
+        warmup_problems: ``lengths``: HumanEval problems (tiny models: random prompts of a seeded
+            stream of their own) every adaptive policy serves, unmeasured, before the measured ones,
+            at each latency: an engine that has served earlier requests on the same links (it is
+            not told them; it carries what it learnt, ``policies.draft_length.resume``). Empty: the
+            adaptive policies start cold on the first measured prompt. Must not overlap
+            ``problems``.
         bandwidth_mbps: bandwidth of every modelled link (inf: latency only).
         seed: seed of every run and of the tiny prompts.
         threads: torch threads (None: the model set's).
@@ -150,6 +156,7 @@ class BenchOptions:
     latencies_ms: tuple[float, ...] | None = None
     gammas: tuple[int, ...] | None = None
     adaptive: tuple[str, ...] | None = None
+    warmup_problems: tuple[int, ...] = ()
     bandwidth_mbps: float = math.inf
     seed: int = 0
     threads: int | None = None
@@ -176,6 +183,12 @@ class BenchOptions:
             raise ValueError(f"dtype = {self.dtype!r}: choose from {', '.join(DTYPES)}")
         if not self.problems:
             raise ValueError("problems: give at least one HumanEval index")
+        shared = sorted(set(self.warmup_problems) & set(self.problems))
+        if shared:
+            raise ValueError(f"warmup_problems {shared} are also measured problems: a policy would be "
+                             "measured on what it learnt from; give other indices")
+        if any(not 0 <= i for i in self.warmup_problems):
+            raise ValueError(f"warmup_problems {list(self.warmup_problems)}: give indices >= 0")
 
     def _check_policies(self) -> None:
         known = ACCEPTANCE.names()
@@ -234,7 +247,8 @@ class BenchOptions:
         if self.problems != defaults.problems:
             parts.append(f"--problems {','.join(map(str, self.problems))}")
         for name, flag in (("policies", "--policies"), ("strengths", "--strengths"),
-                           ("latencies_ms", "--latencies"), ("gammas", "--gammas"), ("adaptive", "--adaptive")):
+                           ("latencies_ms", "--latencies"), ("gammas", "--gammas"), ("adaptive", "--adaptive"),
+                           ("warmup_problems", "--warmup-problems")):
             value = getattr(self, name)
             if value:
                 parts.append(f"{flag} {','.join(v if isinstance(v, str) else format(v, 'g') for v in value)}")

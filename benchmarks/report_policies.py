@@ -89,8 +89,11 @@ def section_lengths(s: dict, image: str | None) -> list[str]:
              f"{_sampling(s.get('temperature'))}; {s['num_stages']} stage(s) in one process, every hop delayed "
              f"by the link model (no overlap: a round is draft, links and verification in turn). Static: "
              f"`fixed` at gamma {', '.join(map(str, s['gammas']))}; adaptive ({', '.join(s['adaptive'])}) start "
-             f"at gamma {s['start_gamma']} on the first prompt, resume the engine's learned state on the next ones "
-             f"and are not told the links. Ratio = tokens/s over the best static "
+             + (f"after serving {', '.join(s['warmup_prompts'])} unmeasured at the same latency (from gamma "
+                f"{s['start_gamma']}), resume the engine's learned state on every measured prompt "
+                if s.get("warmup_prompts") else
+                f"at gamma {s['start_gamma']} on the first prompt, resume the engine's learned state on the next ones ")
+             + f"and are not told the links. Ratio = tokens/s over the best static "
              f"gamma's at that latency, within each repetition; goal: an adaptive policy >= {s['within']:.2f}. "
              "mean gamma = drafted tokens per round.", ""]
     adaptive = s["adaptive"]

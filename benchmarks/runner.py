@@ -129,6 +129,18 @@ class Bench:
                 self._prompts = humaneval(self.options.problems)
         return self._prompts[: self.grid.prompts.get(scenario, len(self._prompts))]
 
+    def warmup_prompts(self) -> list[tuple[str, str | list[int]]]:
+        """``(id, prompt)`` of ``--warmup-problems``: HumanEval prompts, or for tiny models random ids
+        from a stream seeded apart from the measured prompts' (``seed + 1 + index``)."""
+        if self.options.models != "tiny":
+            return humaneval(self.options.warmup_problems)
+        out = []
+        for i in self.options.warmup_problems:
+            gen = torch.Generator().manual_seed(self.options.seed + 1 + i)
+            ids = torch.randint(0, TINY_PROMPT_ID_LIMIT, (TINY_PROMPT_LEN,), generator=gen)  # [len]
+            out.append((f"warmup-random-{i}", ids.tolist()))
+        return out
+
     def tokens(self, scenario: str) -> int:
         if scenario != "quality" and self.options.max_new_tokens:
             return self.options.max_new_tokens

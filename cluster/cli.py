@@ -136,6 +136,7 @@ def bench(
     latencies: Optional[str] = typer.Option(None, help="Per-hop latencies in ms of latency and lengths, e.g. 0,50. [default: per grid; lengths 0,50]"),
     gammas: Optional[str] = typer.Option(None, help="Static gammas of gamma and lengths, e.g. 1,2,3,4,6,8,10; quality: one value, the gamma of every variant. [default: per grid; lengths 1,2,4,6,8; quality the engine's 4]"),
     adaptive: Optional[str] = typer.Option(None, help="lengths: adaptive draft-length policies, e.g. heuristic,confidence,tkslt,online. [default: those four]"),
+    warmup_problems: Optional[str] = typer.Option(None, help="lengths: HumanEval problems every adaptive policy serves, unmeasured, before the measured ones (an engine that has served earlier requests on these links; it is not told them). Must differ from --problems. [default: none, the policies start cold]"),
     bandwidth_mbps: float = typer.Option(float("inf"), help="Bandwidth of every modelled link in Mbit/s. [default: unlimited]"),
     seed: int = typer.Option(0, help="Seed of every run and of the tiny models' prompts."),
     threads: Optional[int] = typer.Option(None, help="Torch threads, for SpecMesh and the transformers peer alike. [default: 1 tiny, 2 bundled]"),
@@ -170,6 +171,7 @@ def bench(
             latencies_ms=split("--latencies", latencies, float) if latencies is not None else None,
             gammas=split("--gammas", gammas, int) if gammas is not None else None,
             adaptive=split("--adaptive", adaptive, str) if adaptive is not None else None,
+            warmup_problems=_int_list("--warmup-problems", warmup_problems) if warmup_problems else (),
             cache_dir=str(cache_dir) if cache_dir else None, command="specmesh " + " ".join(sys.argv[1:]),
         )
     except ValueError as exc:

@@ -21,6 +21,7 @@ from specmesh.actors.models import resolve
 from specmesh.benchmarks import lengths, options, quality, report, suite
 from specmesh.benchmarks.profile import profile_rows
 from specmesh.benchmarks.runner import run_record, stat
+from specmesh.benchmarks.prompts import humaneval
 from specmesh.cluster import report as cluster_report
 from specmesh.cluster.compare import Run
 from specmesh.runtime.api import GenerationResult
@@ -316,3 +317,36 @@ def test_temperature_reaches_the_sampled_scenarios_only_and_the_command_line_rep
         (0.0, 50.0), (0.0, 50.0), (1, 4), ("online",))
     assert options.problem_seed(0, 3) != options.problem_seed(0, 4) != options.problem_seed(1, 4)
     assert options.problem_seed(0, 3) == options.problem_seed(0, 3, 0) < 2**31
+
+
+def test_lengths_warm_up_serves_unmeasured_problems_first(text_models, tmp_path, monkeypatch):
+    served = []
+    original = lengths.warm_up
+
+    def spy(b, engine, runs, latency_ms, common):
+        calls = engine.generate
+
+        def generate(prompt, **kw):
+            served.append((prompt, kw.get("draft_length"), "gamma" in kw))
+            return calls(prompt, **kw)
+
+        monkeypatch.setattr(engine, "generate", generate)
+        try:
+            return original(b, engine, runs, latency_ms, common)
+        finally:
+            monkeypatch.setattr(engine, "generate", calls)
+
+    monkeypatch.setattr(lengths, "warm_up", spy)
+    s = _bench(tmp_path, text_models, scenarios=("lengths",), adaptive=("heuristic", "online"),
+               warmup_problems=(55,))["scenarios"]["lengths"]
+    assert s["warmup_prompts"] == ["HumanEval/55"]
+    prompt = dict(humaneval((55,)))["HumanEval/55"]
+    # each adaptive policy, not told a gamma (it must resume), at each latency; no static gamma
+    assert served == [(prompt, "heuristic", False), (prompt, "online", False)] * 2
+    for p in s["points"]:
+        assert set(p["warmup"]["mean_gamma"]) == {"heuristic", "online"}
+        assert all(g >= 1 for g in p["warmup"]["mean_gamma"].values())
+        assert {r["prompt_id"] for r in p["runs"]} == {"HumanEval/53"}  # the warm-up is not measured
+    assert "after serving HumanEval/55 unmeasured" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match=r"warmup_problems \[53\] are also measured"):
+        options.BenchOptions(problems=PROBLEMS, warmup_problems=(53,))
