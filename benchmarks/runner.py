@@ -123,8 +123,7 @@ class Bench:
                 gen = torch.Generator().manual_seed(self.options.seed)
                 self._prompts = []
                 for i in range(TINY_PROMPTS):
-                    ids = torch.randint(0, TINY_PROMPT_ID_LIMIT, (TINY_PROMPT_LEN,), generator=gen)  # [len]
-                    self._prompts.append((f"random-{i}", ids.tolist()))
+                    self._prompts.append((f"random-{i}", _random_prompt(gen)))
             else:
                 self._prompts = humaneval(self.options.problems)
         return self._prompts[: self.grid.prompts.get(scenario, len(self._prompts))]
@@ -134,12 +133,8 @@ class Bench:
         from a stream seeded apart from the measured prompts' (``seed + 1 + index``)."""
         if self.options.models != "tiny":
             return humaneval(self.options.warmup_problems)
-        out = []
-        for i in self.options.warmup_problems:
-            gen = torch.Generator().manual_seed(self.options.seed + 1 + i)
-            ids = torch.randint(0, TINY_PROMPT_ID_LIMIT, (TINY_PROMPT_LEN,), generator=gen)  # [len]
-            out.append((f"warmup-random-{i}", ids.tolist()))
-        return out
+        return [(f"warmup-random-{i}", _random_prompt(torch.Generator().manual_seed(self.options.seed + 1 + i)))
+                for i in self.options.warmup_problems]
 
     def tokens(self, scenario: str) -> int:
         if scenario != "quality" and self.options.max_new_tokens:
@@ -182,6 +177,11 @@ class Bench:
         if self.checkpoint is not None:
             self.checkpoint(label, measured)
         return measured
+
+
+def _random_prompt(gen: torch.Generator) -> list[int]:
+    """A tiny model's prompt: ``TINY_PROMPT_LEN`` random token ids below ``TINY_PROMPT_ID_LIMIT``."""
+    return torch.randint(0, TINY_PROMPT_ID_LIMIT, (TINY_PROMPT_LEN,), generator=gen).tolist()  # [len]
 
 
 def decoder(engine: SpecMesh) -> Callable | None:

@@ -113,8 +113,6 @@ def scan(state: LexState, text: str) -> tuple[LexState, int]:
                 lead, opening = True, False
             if nxt.opening != opening:
                 nxt = nxt._replace(opening=opening)
-        elif not nxt.opening:
-            nxt = nxt._replace(opening=True)
         if now != prose:
             kind = BOUNDARY
         state, prose = nxt, now
