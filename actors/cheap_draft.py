@@ -17,6 +17,7 @@ import warnings
 
 import torch
 
+from . import cpu_linear
 from .hf import StageModel
 
 QUANTS = ("none", "int8")
@@ -64,4 +65,6 @@ def make_cheaper(stage: StageModel, quant: str = "none", head_rows: int = 0) -> 
         # fed beside it (max difference ~1 logit on the tiny models), so the draft feeds tokens in a
         # fixed way to stay a pure function of the context (actors/draft.py).
         stage.row_independent = False
+    else:
+        cpu_linear.use_onednn(module)  # float32 on CPUs whose BLAS is slow at few rows (not before int8: it needs nn.Linear)
     return stage

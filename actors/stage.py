@@ -22,7 +22,7 @@ from specmesh.runtime import sampling
 from specmesh.runtime.messages import DraftProposal, OpenSession, SamplingParams, StageFrame, VerifyResult
 from specmesh.runtime.tree import TokenTree, accepted_slots, tree_attention_mask, tree_position_ids
 
-from . import batched, hf
+from . import batched, cpu_linear, hf
 
 
 @dataclass
@@ -52,6 +52,7 @@ class TargetStage:
                  vocab: Callable[[], Sequence[str]] | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
+        cpu_linear.use_onednn(model.module)  # float32 on CPUs whose BLAS is slow at few rows (after threads: it times)
         self.model = model
         self.sessions: dict[str, _StageSession] = {}
         self._vocab_loader = vocab
