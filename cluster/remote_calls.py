@@ -88,7 +88,10 @@ class RemoteCalls:
         self.timeout_s = timeout_s
         self.hop_timeout_s = hop_timeout_s
         self.unresponsive: set[str] = set()  # roles of workers that died or missed a deadline
-        self._replacing = threading.Lock()  # one replacement at a time, whichever session asks
+        # One replacement of a worker at a time, whichever session asks; different workers' apart:
+        # a stage that cannot come back is reported at once, not after the draft's reload.
+        self._replacing: dict[str, threading.Lock] = {}
+        self._locks = threading.Lock()  # guards _replacing
 
     def call(self, workers: list[Worker], method: str, *args, timeout_s: float | None = None,
              best_effort: bool = False) -> list:
@@ -258,7 +261,9 @@ class RemoteCalls:
         Returns:
             True when a live worker is in place; False when no replacement could start.
         """
-        with self._replacing:
+        with self._locks:
+            lock = self._replacing.setdefault(worker.role, threading.Lock())
+        with lock:
             try:
                 ray.get(worker.handle.ready.remote(), timeout=ALIVE_PING_S)
                 self.unresponsive.discard(worker.role)
