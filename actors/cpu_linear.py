@@ -29,9 +29,9 @@ MODES = ("auto", "onednn", "blas")
 ENV = "SPECMESH_CPU_LINEAR"
 MIN_WEIGHTS = 1 << 20  # a layer of fewer weights stays on the BLAS
 GAIN = 1.2  # oneDNN is chosen where it is at least this much faster at verification rows
+SLACK = 1.15  # ... and at most this much slower at a decode step's one row (the clock's noise at ~1 ms)
 PROBE_ROWS = (1, 8)  # a decode step's rows and a verification's
 PROBE_REPEATS = 7
-SLACK = 1.15  # ... and at most this much slower at a decode step's one row (the clock's noise at ~1 ms)
 
 
 def mode_from_env() -> str:
