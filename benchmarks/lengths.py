@@ -20,6 +20,7 @@ import numpy as np
 
 from specmesh.cluster.compare import Variant
 
+from .length_replay import replay_point
 from .options import Grid, problem_seed
 from .runner import Bench, config_dict, stat
 
@@ -58,6 +59,8 @@ def scenario_lengths(b: Bench) -> dict:
                  "config": config_dict(engine), "warmup": warmed, **m}
         point["best_static"] = compare_to_best_static(point)
         point["modelled"] = modelled_rates(point)
+        point["replayed"] = replay_point(point, max_new_tokens=n_tokens, start_gamma=grid.lengths_start_gamma,
+                                         seed=b.options.seed)
         best, mod = point["best_static"], point["modelled"]
         ratios = ", ".join(f"{v.label} {point['summary'][v.label]['vs_best_static']['mean']:.2f}x"
                            for v in runs if v.overrides["draft_length"] != STATIC
@@ -67,6 +70,11 @@ def scenario_lengths(b: Bench) -> dict:
         if mod is not None:
             b.console.print(f"  modelled (clock noise out): best static {mod['best']}; " + ", ".join(
                 f"{lab} {r:.2f}x" for lab, r in mod["vs_best_static"].items() if not lab.startswith(STATIC)))
+        rep = point["replayed"]
+        if rep is not None:
+            b.console.print(f"  replayed ({rep['seeds']} noise draws, cold start): best static {rep['best']}; "
+                            + ", ".join(f"{lab} {r['mean']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
+                                        for lab, r in rep["vs_best_static"].items() if not lab.startswith(STATIC)))
         points.append(point)
     return {"prompts": [p for p, _ in prompts], "max_new_tokens": n_tokens, "temperature": temperature,
             "num_stages": grid.lengths_stages, "gammas": list(grid.lengths_gammas),

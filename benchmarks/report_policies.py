@@ -82,6 +82,23 @@ def _default_strength_lines(d: dict | None, peers: list[dict]) -> list[str]:
     return lines + ([""] if peers else [])
 
 
+def _replayed_lines(pts: list[dict], adaptive: list[str]) -> list[str]:
+    """The replay of every point (``benchmarks/length_replay.py``), where one ran."""
+    reps = [(p, p.get("replayed")) for p in pts if p.get("replayed")]
+    if not reps:
+        return []
+    names = [a for a in adaptive if a in reps[0][1]["vs_best_static"]]
+    rows = [[f"{p['latency_ms']:g} ms", r["best"].removeprefix("fixed gamma="),
+             *[f"{r['vs_best_static'][a]['mean']:.2f}x ({r['vs_best_static'][a]['min']:.2f}-"
+               f"{r['vs_best_static'][a]['max']:.2f})" for a in names],
+             f"{r['positions']} / {r['imputed']} / {r['conflicts']}"] for p, r in reps]
+    return [f"Replayed, the clock's noise out: each policy served again on the acceptance sequence the point's "
+            f"own rounds recorded and their median cost per gamma, starting cold, over {reps[0][1]['seeds']} "
+            "draws of the measured round-time noise (mean, min-max), ratio to the best replayed static gamma:",
+            ""] + table(["latency per hop", "best static gamma", *names, "positions / imputed / conflicts"],
+                        rows) + [""]
+
+
 def section_lengths(s: dict, image: str | None) -> list[str]:
     pts = s["points"]
     lines = ["## lengths: tokens/s vs draft length, static gammas and adaptive policies", "",
@@ -117,6 +134,7 @@ def section_lengths(s: dict, image: str | None) -> list[str]:
                            fmt(x["acceptance_rate"])])
     lines += table(["ms/hop", "variant", "mean gamma", "tok/s", "vs best static", "mean acc. len", "acceptance"],
                    detail) + [""]
+    lines += _replayed_lines(pts, adaptive)
     lines += ["Links: " + "; ".join(f"{p['latency_ms']:g} ms: {p['links']}" for p in pts) + ".", ""]
     lines += profile_lines([(f"{p['latency_ms']:g} ms: ", p["runs"]) for p in pts])
     return lines + _image("lengths", image)

@@ -67,6 +67,9 @@ def run_record(run: Run, repeat: int, decode: Callable | None) -> dict:
         # speculation: the report's profile table (as `specmesh run --profile` prints it)
         "profile_ms": s.profile(), "proposals": s.draft_counters.get("proposals", 0),
         "proposals_hit": s.draft_counters.get("proposals_hit", 0),
+        # every round: drafted, accepted, committed, wall / draft / stage-compute ms (lengths replays them)
+        "round_log": [[r.gamma, r.accepted, r.committed, round(r.wall_ms, 3), round(r.draft_ms, 3),
+                       round(sum(r.stage_ms), 3)] for r in s.records],
     }
     if decode is not None:
         row["text"] = decode(run.result.output_ids)
