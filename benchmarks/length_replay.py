@@ -28,7 +28,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from specmesh.policies.draft_length import RoundObservation, make, resume
+from specmesh.policies.catalog import make_draft_length as make  # every policy registered
+from specmesh.policies.draft_length import RoundObservation, resume
 
 NOT_REPLAYABLE = ("confidence",)
 MIN_SAMPLES = 5  # rounds of one gamma for its own median; fewer: the affine fit

@@ -1,4 +1,7 @@
 """float32 linear layers moved to oneDNN (actors/cpu_linear.py)."""
+import gc
+import weakref
+
 import pytest
 import torch
 from torch.utils.mkldnn import MkldnnLinear
@@ -23,6 +26,15 @@ def test_large_float32_layers_move_and_compute_the_same():
     assert isinstance(model[0], MkldnnLinear) and type(model[2]) is torch.nn.Linear  # the small one stays
     for a, b in zip(before, after):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_the_float32_original_is_freed():
+    """Converted outside no_grad, the oneDNN weight's grad_fn kept the original alive (twice the memory)."""
+    model = _model()
+    original = weakref.ref(model[0].weight)
+    assert cpu_linear.use_onednn(model, "onednn") == 1  # called with autograd on, as a loader would
+    gc.collect()
+    assert original() is None and not model[0].weight.requires_grad
 
 
 def test_bfloat16_blas_mode_and_auto_follow_their_rules(monkeypatch):
