@@ -23,6 +23,7 @@ and sampled runs (acceptance is then a draw, not a property of the position).
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 from dataclasses import dataclass
@@ -126,15 +127,13 @@ class RoundCosts:
         median = {g: statistics.median(w) for g, w in by_g.items() if len(w) >= MIN_SAMPLES}
         xs, ys = [r.drafted for r in rounds], [r.wall_s for r in rounds]
         b, a = statistics.linear_regression(xs, ys)
-        fit = (max(a, 1e-6), max(b, 0.0))
-        model = lambda g: median.get(g, fit[0] + fit[1] * g)  # noqa: E731
-        return cls(
-            median=median, fit=fit,
+        costs = cls(
+            median=median, fit=(max(a, 1e-6), max(b, 0.0)),
             draft_per_token=statistics.median(r.draft_s / r.drafted for r in rounds),
             verify_share=statistics.median(r.verify_s / r.wall_s for r in rounds if r.wall_s > 0),
-            spread=tuple(r.wall_s / model(r.drafted) for r in rounds),
-            prefill=statistics.median(firsts),
+            spread=(), prefill=statistics.median(firsts),
         )
+        return dataclasses.replace(costs, spread=tuple(r.wall_s / costs.wall(r.drafted) for r in rounds))
 
     def wall(self, g: int) -> float:
         """Seconds of a round of ``g`` drafts (``g = 0``: a round of the target alone, the fit at 0)."""
