@@ -8,11 +8,8 @@ sessions gather, and run as one batched forward (``actors/batched.py``) followed
 their last rows. Drafting stays a pure function of each session's context, seed and position up to
 float rounding, so overlap and speculation keep their guarantees.
 
-Only drafts whose outputs do not depend on what is fed beside them are batched
-(``StageModel.row_independent``). A dynamically quantised int8 draft scales activations per forward:
-batched, a session's q would depend on its neighbours. Still lossless (the verifier checks the q
-actually sampled) and greedy outputs would not change, but a seeded sampled run would no longer
-repeat its solo output under load; :func:`make_draft_worker` therefore keeps int8 drafts unbatched.
+Every weight format keeps a row's output independent of what is fed beside it (``actors/lowbit.py``:
+int8 activations are quantised per row), so a seeded sampled run repeats its solo output under load.
 """
 from __future__ import annotations
 
@@ -28,19 +25,17 @@ class BatchedDraftWorker(DraftWorker):
     """A :class:`DraftWorker` that batches the forwards of concurrently drafting sessions.
 
     Args:
-        model: the loaded draft; its outputs must be row-independent.
+        model: the loaded draft.
         threads: torch intra-op threads (None leaves the process default).
         max_batch: most sessions per forward.
     """
 
     def __init__(self, model: hf.StageModel, threads: int | None = None, max_batch: int = 16) -> None:
-        if not model.row_independent:
-            raise ValueError("a draft whose outputs depend on what is fed beside them (int8) cannot be batched")
         super().__init__(model, threads)
         self.batcher = MicroBatcher(self._logits_many, max_batch)
 
     def _feed(self, s: _DraftSession, context: list[int], start: int, stop: int) -> torch.Tensor:
-        """As :meth:`DraftWorker._feed` (one forward: the draft is row-independent), with the
+        """As :meth:`DraftWorker._feed`, with the
         forward shared with other sessions drafting at the same moment."""
         ids = torch.tensor(context[start:stop], dtype=torch.int64)
         logits = self.batcher.submit(batched.Fed(s.cache, torch.arange(start, stop), input_ids=ids), id(s))
@@ -67,8 +62,8 @@ class BatchedDraftWorker(DraftWorker):
 
 
 def make_draft_worker(model: hf.StageModel, threads: int | None = None, batch_sessions: int = 1) -> DraftWorker:
-    """The draft worker for ``model``: batched when ``batch_sessions > 1`` and the draft's outputs
-    are row-independent (not int8), else the plain :class:`DraftWorker`."""
-    if batch_sessions > 1 and model.row_independent:
+    """The draft worker for ``model``: batched when ``batch_sessions > 1``, else the plain
+    :class:`DraftWorker`."""
+    if batch_sessions > 1:
         return BatchedDraftWorker(model, threads, batch_sessions)
     return DraftWorker(model, threads)

@@ -47,7 +47,6 @@ class _DraftSession:
     last_logits: torch.Tensor | None = None  # [V] after cached[-1]
     committed: list[int] = field(default_factory=list)  # committed tokens told so far
     last_round: int = 0
-    prompt_len: int = 0  # the first proposal's committed tokens: fed in one forward
     depths: list[Depth] = field(default_factory=list)  # the last proposal's depths
     # Speculation on the verdict: depths drafted ahead for the likeliest verdicts, best first
     # (actors/speculation.py), reused by the proposal whose committed tokens one of them guessed.
@@ -115,7 +114,6 @@ class DraftWorker:
             raise ValueError(f"tokens start at {req.start} but only {len(s.committed)} were committed")
         self._interrupted.discard(req.session_id)
         s.committed = s.committed[: req.start] + list(req.tokens)
-        s.prompt_len = s.prompt_len or len(s.committed)
         s.last_round = req.round
         t0 = time.perf_counter()
         s.depths = self._draft(s, req.gamma, req.width, req.stop_below) if req.gamma > 0 else []
@@ -290,18 +288,9 @@ class DraftWorker:
         return s.last_logits
 
     def _feed(self, s: _DraftSession, context: list[int], start: int, stop: int) -> torch.Tensor:
-        """Feeds ``context[start:stop]`` after the cached prefix; the logits ``[V]`` after the last."""
-        for a, b in self._chunks(s, start, stop):
-            ids = torch.tensor(context[a:b], dtype=torch.int64)
-            hidden = hf.forward(self.model, s.cache, input_ids=ids, position_ids=torch.arange(a, b))
-            s.cached.extend(context[a:b])
+        """Feeds ``context[start:stop]`` after the cached prefix in one forward (every weight format
+        keeps a row's output independent of the rows beside it); the logits ``[V]`` after the last."""
+        ids = torch.tensor(context[start:stop], dtype=torch.int64)
+        hidden = hf.forward(self.model, s.cache, input_ids=ids, position_ids=torch.arange(start, stop))
+        s.cached.extend(context[start:stop])
         return hf.lm_head(self.model, hidden[-1:])[0]
-
-    def _chunks(self, s: _DraftSession, start: int, stop: int) -> list[tuple[int, int]]:
-        """How positions ``start..stop`` are fed: in one forward when the model's outputs do not
-        depend on it; else canonically (the prompt in one forward, every later token alone), so
-        that a position's logits never depend on whether speculation or a verdict fed it."""
-        if self.model.row_independent or stop - start == 1:
-            return [(start, stop)]
-        first = min(max(start, s.prompt_len), stop)
-        return ([(start, first)] if first > start else []) + [(i, i + 1) for i in range(first, stop)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -85,6 +85,7 @@ class StageModel:
         is_first: holds the embeddings (takes token ids).
         is_last: holds the final norm and LM head (produces logits).
         vocab_size: rows of the LM head / embedding.
+        formats: linear layers per weight format, once :func:`specmesh.actors.lowbit.apply` ran.
     """
 
     module: torch.nn.Module
@@ -93,9 +94,8 @@ class StageModel:
     is_first: bool
     is_last: bool
     vocab_size: int
-    # Whether a token's outputs are independent of the other tokens fed in the same forward (up to
-    # float rounding). Dynamic int8 quantisation scales activations per forward, so it is not.
-    row_independent: bool = True
+    # How many linear layers run in each weight format (``actors/lowbit.py``), once applied.
+    formats: dict[str, int] = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:

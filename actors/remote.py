@@ -43,7 +43,8 @@ class WorkerSpec:
         threads: torch intra-op threads in this actor (never more than ``cores``).
         cache_dir: model cache on the actor's node (None: the node's default).
         cores: the CPU cores the actor pins itself to (its node's, from the topology); None: any.
-        draft_quant / draft_head_rows: the draft's economies (``actors/cheap_draft.py``).
+        weights: the linear layers' weight format (``actors/lowbit.py``).
+        draft_head_rows: the draft's restricted head (``actors/cheap_draft.py``).
         batch_sessions: most concurrent sessions whose messages the actor serves with one forward
             (batched rounds, ``runtime/batching.py``); 1 = off.
     """
@@ -54,7 +55,7 @@ class WorkerSpec:
     threads: int
     cache_dir: str | None = None
     cores: tuple[int, ...] | None = None
-    draft_quant: str = "none"
+    weights: str = "auto"
     draft_head_rows: int = 0
     batch_sessions: int = 1
 
@@ -87,7 +88,7 @@ def _load(spec: WorkerSpec) -> hf.StageModel:
     path = resolve(spec.model, spec.cache_dir)
     layers = range(*spec.layers) if spec.layers else None
     stage = hf.load_stage(path, layers, dtype=hf.resolve_dtype(spec.dtype))
-    return make_cheaper(stage, spec.draft_quant, spec.draft_head_rows) if spec.layers is None else stage
+    return make_cheaper(stage, spec.weights, spec.draft_head_rows) if spec.layers is None else stage
 
 
 # An error text longer than this is cut, so that the error message itself always encodes.
@@ -252,7 +253,7 @@ class StageActor(_Base):
         super().__init__(model.vocab_size, inbound, outbound)
         # The vocabulary's strings only when a session asks for a rule with a lexicon.
         self.worker = TargetStage(model, vocab=lambda: hf.vocab_strings(
-            hf.load_tokenizer(resolve(spec.model, spec.cache_dir)), model.vocab_size))
+            hf.load_tokenizer(resolve(spec.model, spec.cache_dir)), model.vocab_size), weights=spec.weights)
         self.by_reference = by_reference  # hand frames on by reference (see _hand_on)
         # Batched rounds: messages that arrive while a forward runs are served by the next one
         # (TargetStage.step_many). Each waits in a thread of its own so the event loop stays free;

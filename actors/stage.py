@@ -22,7 +22,7 @@ from specmesh.runtime import sampling
 from specmesh.runtime.messages import DraftProposal, OpenSession, SamplingParams, StageFrame, VerifyResult
 from specmesh.runtime.tree import TokenTree, accepted_slots, tree_attention_mask, tree_position_ids
 
-from . import batched, cpu_linear, hf
+from . import batched, hf, lowbit
 
 
 @dataclass
@@ -46,13 +46,14 @@ class TargetStage:
         threads: torch intra-op threads for this worker (None leaves the process default).
         vocab: loads the vocabulary's token strings by id, for acceptance rules with a lexicon
             (called once, when the first session that asks for a rule other than ``exact`` opens).
+        weights: the linear layers' weight format (``actors/lowbit.py``), applied here, once.
     """
 
     def __init__(self, model: hf.StageModel, threads: int | None = None,
-                 vocab: Callable[[], Sequence[str]] | None = None) -> None:
+                 vocab: Callable[[], Sequence[str]] | None = None, weights: str = "auto") -> None:
         if threads:
             torch.set_num_threads(threads)
-        cpu_linear.use_onednn(model.module)  # float32 on CPUs whose BLAS is slow at few rows (after threads: it times)
+        model.formats = lowbit.apply(model.module, weights, lowbit.STAGE_ROWS)  # after threads: auto times
         self.model = model
         self.sessions: dict[str, _StageSession] = {}
         self._vocab_loader = vocab

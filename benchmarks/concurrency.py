@@ -15,8 +15,8 @@ the clients' 1 / TPOT summed, the throughput once the prompts are in (prefill is
 sixteen prompts cost sixteen times one, batched or not, so at short outputs it dominates the
 aggregate). Modes: ``batched`` (lockstep rounds, the default engine), ``free`` (batched forwards,
 sessions not held in step), ``unbatched`` (``batch_sessions=1``). Each engine is
-warmed up with one generation first. The draft is batched only when it is not int8 (its q would
-depend on its neighbours): ``--draft-quant none`` (the default here) batches it.
+warmed up with one generation first. Every weight format batches (``actors/lowbit.py``), the
+defaults included.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from specmesh.actors.hardware import cpu_summary
 from specmesh.runtime import SpecConfig, SpecMesh
+from specmesh.runtime.config import WEIGHT_FORMATS
 
 from .options import MODELS
 
@@ -108,7 +109,7 @@ def config_for(args, batch_sessions: int, lockstep: bool = True) -> SpecConfig:
     # A topology's nodes name their cores, and so their threads (one per core owned).
     threads = args.threads or (None if args.topology else m.threads)
     kw = dict(target=args.target or m.target, draft=args.draft or m.draft, dtype=args.dtype or m.dtype,
-              threads=threads, backend=args.backend, draft_quant=args.draft_quant, batch_sessions=batch_sessions, lockstep=lockstep,
+              threads=threads, backend=args.backend, weights=args.weights, draft_weights=args.draft_weights, batch_sessions=batch_sessions, lockstep=lockstep,
               gamma=args.gamma, max_new_tokens=args.max_new_tokens)
     if args.topology:
         from specmesh.cluster.inproc import config_from_topology
@@ -146,8 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
     ap.add_argument("--gamma", type=int, default=4)
-    ap.add_argument("--draft-quant", choices=("none", "int8"), default="none",
-                    help="int8 drafts are never batched (see the module's docstring)")
+    ap.add_argument("--weights", choices=WEIGHT_FORMATS, default="auto", help="target stages' weight format")
+    ap.add_argument("--draft-weights", choices=WEIGHT_FORMATS, default="auto", help="the draft's weight format")
     ap.add_argument("--dtype", default=None, help="default: the model set's (float32 tiny, auto bundled)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     ap.add_argument("--modes", default="batched,unbatched",
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     if not set(modes) <= {"batched", "free", "unbatched"}:
         raise SystemExit(f"--modes must name batched, free and/or unbatched, got {args.modes}")
     print(f"# concurrency: models {args.models}, backend {args.backend}, topology {args.topology or '-'}, "
-          f"{args.max_new_tokens} tokens per client, gamma {args.gamma}, draft_quant {args.draft_quant}; "
+          f"{args.max_new_tokens} tokens per client, gamma {args.gamma}, weights {args.weights}, "
+          f"draft weights {args.draft_weights}; "
           f"{cpu_summary()}")
     waves: list[Wave] = []
     for mode in modes:

@@ -4,8 +4,8 @@ r"""What one drafted token costs, per draft variant, measured side by side in on
     python -m specmesh.benchmarks.draft_cost --compile --tokens 24    # adds torch.compile variants
     python -m specmesh.benchmarks.draft_cost --draft tiny-draft --target tiny --quick
 
-Each variant is the draft as ``actors/cheap_draft.make_cheaper`` ships it (full precision in the
-model dtype, fp32, dynamic int8, int8 with a restricted LM head), optionally wrapped in
+Each variant is the draft as ``actors/cheap_draft.make_cheaper`` ships it (dense in the model dtype,
+fp32, each low-bit weight format of ``actors/lowbit.py``, int8 with a restricted LM head), optionally wrapped in
 ``torch.compile``. A measured token is one forward of one token over a context of ``--context``
 tokens through ``actors/hf.forward`` (the call the draft worker makes), with the cache rolled back
 after each so every token sees the same context. Variants alternate token by token, so drift of a
@@ -54,8 +54,8 @@ def _stepper(stage: hf.StageModel, context: int, compiled: bool) -> Callable[[],
     return step
 
 
-def _load(path, dtype: torch.dtype, quant: str = "none", head_rows: int = 0) -> hf.StageModel:
-    return make_cheaper(hf.load_stage(path, dtype=dtype), quant, head_rows)
+def _load(path, dtype: torch.dtype, weights: str = "dense", head_rows: int = 0) -> hf.StageModel:
+    return make_cheaper(hf.load_stage(path, dtype=dtype), weights, head_rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -78,14 +78,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     dtype = hf.resolve_dtype(args.dtype)
     draft_dir, target_dir = models.resolve(args.draft), models.resolve(args.target)
-    specs = [(f"{str(dtype).removeprefix('torch.')}", dtype, "none", 0), ("float32", torch.float32, "none", 0),
-             ("int8", dtype, "int8", 0), (f"int8 + head {args.head_rows}", dtype, "int8", args.head_rows)]
+    specs = [(f"{str(dtype).removeprefix('torch.')}", dtype, "dense", 0), ("float32", torch.float32, "dense", 0),
+             ("int8", dtype, "int8", 0), ("int4", dtype, "int4", 0), ("auto", dtype, "auto", 0),
+             (f"int8 + head {args.head_rows}", dtype, "int8", args.head_rows)]
     if dtype == torch.float32:
         specs.pop(1)
     variants: list[Variant] = []
-    for label, dt, quant, rows in specs:
+    for label, dt, weights, rows in specs:
         for compiled in (False, True) if args.compile else (False,):
-            stage = _load(draft_dir, dt, quant, min(rows, hf.load_config(draft_dir).vocab_size))
+            stage = _load(draft_dir, dt, weights, min(rows, hf.load_config(draft_dir).vocab_size))
             name = label + (" + compile" if compiled else "")
             t0 = time.perf_counter()
             step = _stepper(stage, args.context, compiled)

@@ -111,7 +111,7 @@ def run(models: str = "tiny", quick: bool = False, tokens: int | None = None, ga
     for m in counts:
         config = SpecConfig(target=names[0], draft=draft, dtype="float32", num_stages=1, gamma=gamma,
                             temperature=1.0, federated_workers=names[:m], federated_weights=WEIGHTS[m],
-                            cache_dir=cache_dir, draft_quant="none" if not bundled else "int8")
+                            cache_dir=cache_dir)
         backend = build_federated(config)
         try:
             base = backend.target

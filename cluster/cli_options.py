@@ -44,8 +44,13 @@ MaxNewTokens = Annotated[Optional[int], typer.Option(help="Tokens to generate. [
 Seed = Annotated[Optional[int], typer.Option(help="Seed of every random draw.")]
 Dtype = Annotated[Optional[str], typer.Option(
     help="auto | bfloat16 | float32 | float16. [default: auto: bf16 only where the CPU computes in it]")]
-DraftQuant = Annotated[Optional[str], typer.Option(
-    help="Draft weights: int8 (dynamic int8, ~2.4x cheaper on CPU; lossless) | none. [default: int8]")]
+Weights = Annotated[Optional[str], typer.Option(
+    help="Target stages' weight format: auto (per layer shape, the fastest at the rows a stage runs, "
+         "measured at load) | int8 (int8 weights, activations quantised per row) | int4 (weight-only, "
+         "groups of 32) | dense (the model dtype). [default: auto]")]
+DraftWeights = Annotated[Optional[str], typer.Option(
+    help="The draft's weight format, same choices (any is lossless: the target checks the q sampled). "
+         "[default: auto]")]
 Threads = Annotated[Optional[int], typer.Option(help="Torch threads per worker. [default: one per core its node owns]")]
 BatchSessions = Annotated[Optional[int], typer.Option(
     help="Most concurrent sessions a target stage verifies in one forward (1 = off). [default: 16]")]
@@ -111,7 +116,8 @@ ENGINE_OPTIONS = (
     ("verification", Verification, None),
     ("option", PolicyOption, None), ("temperature", Temperature, None), ("top_p", TopP, None),
     ("sparsifier", Sparsifier, None), ("sparse_k", SparseK, None), ("max_new_tokens", MaxNewTokens, None),
-    ("seed", Seed, None), ("dtype", Dtype, None), ("draft_quant", DraftQuant, None),
+    ("seed", Seed, None), ("dtype", Dtype, None), ("weights", Weights, None),
+    ("draft_weights", DraftWeights, None),
     ("threads", Threads, None), ("cache_dir", CacheDir, None), ("batch_sessions", BatchSessions, None),
     ("lockstep", Lockstep, None),
 )

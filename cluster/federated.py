@@ -214,7 +214,8 @@ def build_federated(config: SpecConfig) -> Backend:
     dtype = hf.resolve_dtype(config.dtype)
     workers = []
     for w in plan.workers:
-        stages = [TargetStage(hf.load_stage(w.target_dir, r, dtype=dtype), config.threads) for r in w.split]
+        stages = [TargetStage(hf.load_stage(w.target_dir, r, dtype=dtype), config.threads, weights=config.weights)
+                  for r in w.split]
         hops = [_Hop(h.name, links.emulated(h.spec, w.layout.emulate, real_network=False), h.direction)
                 for h in w.hops]
         workers.append(FederatedWorker(w.name, w.model, stages, hops))

@@ -198,7 +198,7 @@ def load_drafter(config: SpecConfig, dtype: torch.dtype, target_dir, vocab_size:
     if config.draft is None:
         return None
     draft_dir = resolve(config.draft, config.cache_dir)
-    draft = make_cheaper(hf.load_stage(draft_dir, dtype=dtype), config.draft_quant, config.draft_head_rows)
+    draft = make_cheaper(hf.load_stage(draft_dir, dtype=dtype), config.draft_weights, config.draft_head_rows)
     check_vocab(draft.vocab_size, vocab_size, config)
     if hf.has_tokenizer(draft_dir) and hf.has_tokenizer(target_dir):
         from specmesh.actors.tokenizer_check import check_same_tokenizer
@@ -227,7 +227,8 @@ def build(config: SpecConfig) -> Backend:
     tokenizer = hf.load_tokenizer(target_dir)
     info = model_info(target_dir, total, tokenizer)
     vocab = lambda: hf.vocab_strings(tokenizer, info.vocab_size)  # noqa: E731 (decoded on demand)
-    stages = [TargetStage(hf.load_stage(target_dir, r, dtype=dtype), config.threads, vocab) for r in split]
+    stages = [TargetStage(hf.load_stage(target_dir, r, dtype=dtype), config.threads, vocab, config.weights)
+              for r in split]
     drafter = load_drafter(config, dtype, target_dir, info.vocab_size)
     traffic = TrafficMeter()
     hops = [

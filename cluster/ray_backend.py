@@ -235,7 +235,7 @@ def spawn_stages(config: SpecConfig, topology: Topology, model: str, split: list
         inbound = InboundLink(hop.name, hop.direction, None if link.is_ideal else link)
         threads, cores = _compute(topology, config, topology.stages[i])
         spec = WorkerSpec(model, (layers.start, layers.stop), config.dtype, threads,
-                          config.cache_dir, cores, batch_sessions=config.batch_sessions)
+                          config.cache_dir, cores, weights=config.weights, batch_sessions=config.batch_sessions)
         out = hops[i + 1]  # the next stage's inbound hop, or the downlink after the last stage
         args = (spec, inbound, cluster, InboundLink(out.name, out.direction))
         spawn = functools.partial(StageActor.options(**options[i]).remote, *args)
@@ -255,7 +255,7 @@ def spawn_draft(config: SpecConfig, topology: Topology, options: dict, cluster: 
         return None
     threads, cores = _compute(topology, config, topology.device.name)
     spec = WorkerSpec(config.draft, None, config.dtype, threads, config.cache_dir, cores,
-                      config.draft_quant, config.draft_head_rows, config.batch_sessions)
+                      config.draft_weights, config.draft_head_rows, config.batch_sessions)
     spawn = functools.partial(DraftActor.options(**options).remote, spec, cluster,
                               InboundLink(uplink.name, uplink.direction))
     return Worker(DRAFT, spawn(), spawn=spawn)

@@ -106,7 +106,8 @@ def summary_table(runs: list[Run], cfg: SpecConfig, links: str) -> Table:
     """The closing table of ``specmesh run`` / ``specmesh demo``: speed, acceptance and bytes per variant."""
     dtype = hf.resolve_dtype(cfg.dtype)
     table = Table(title=f"SpecMesh vs target-only ({cfg.backend}, {cfg.num_stages} stages, {links}; "
-                        f"dtype {cfg.dtype} -> {str(dtype).removeprefix('torch.')}, draft {cfg.draft_quant}; "
+                        f"dtype {cfg.dtype} -> {str(dtype).removeprefix('torch.')}, weights {cfg.weights}, "
+                        f"draft weights {cfg.draft_weights}; "
                         f"{hardware.cpu_summary()})")
     for col in COLUMNS:
         table.add_column(col, justify="left" if col == "variant" else "right")

@@ -27,7 +27,7 @@ from .stats import SessionStats
 # Fields that decide which workers exist: they cannot change per call.
 # timeout_s too: the deadline of every remote wait is part of the built pipeline.
 _BUILD_FIELDS = ("target", "num_stages", "dtype", "backend", "threads", "cache_dir", "topology", "timeout_s",
-                "hop_timeout_s", "draft_quant", "draft_head_rows", "batch_sessions", "lockstep",
+                "hop_timeout_s", "weights", "draft_weights", "draft_head_rows", "batch_sessions", "lockstep",
                 "federated_workers", "federated_weights", "federated_k", "federated_strategy")
 
 # backend name -> "module:function" building a Backend from a SpecConfig.

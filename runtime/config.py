@@ -22,7 +22,9 @@ _KNOB_NAME = re.compile(POLICY_KEY_PATTERN)  # the wire's rule for the keys of t
 
 BACKENDS = ("inproc", "local", "cluster")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DRAFT_QUANTS = ("none", "int8")
+#: Weight formats of a worker's linear layers (``actors/lowbit.py``): auto (measured at load time per
+#: layer shape), dense (the model dtype), int8 (per-channel weights, activations per row), int4 (groups of 32).
+WEIGHT_FORMATS = ("auto", "dense", "int8", "int4")
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
 
@@ -55,8 +57,14 @@ class SpecConfig:
         stop: strings that end generation (needs a tokenizer).
         seed: root of every random draw; a seeded run repeats exactly.
         dtype: model dtype; "auto" = bf16 where the hardware computes in bf16, else float32.
-        draft_quant: "int8" (default: dynamic int8 linear layers, ~2.4x cheaper than bf16 on CPU)
-            or "none"; lossless either way (exact verification checks the q actually sampled).
+        weights: the target stages' weight format (``actors/lowbit.py``): "auto" (default: per layer
+            shape, the fastest of int8 / int4 / dense at the rows a stage runs, measured at load
+            time), "dense" (the model dtype), "int8" (int8 weights per channel, activations
+            quantised per row; rows stay independent bit for bit) or "int4" (weight-only, groups of
+            32). Exact relative to the target *as it runs*: verification and target-only decoding
+            compute the same function of the same weights.
+        draft_weights: the draft's weight format (same choices, default "auto"); any draft format is
+            lossless (exact verification checks the q actually sampled).
         draft_head_rows: 0 = the draft's full LM head; N = logits for token ids < N only (the most
             frequent BPE pieces), a cheaper head; lossless as above.
         backend: "inproc" (one process), "local" (Ray on this machine), "cluster" (a Ray cluster).
@@ -101,7 +109,8 @@ class SpecConfig:
     stop: tuple[str, ...] = ()
     seed: int = 0
     dtype: str = "auto"
-    draft_quant: str = "int8"
+    weights: str = "auto"
+    draft_weights: str = "auto"
     draft_head_rows: int = 0
     backend: str = "inproc"
     threads: int | None = None
@@ -150,8 +159,9 @@ class SpecConfig:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.draft_quant not in DRAFT_QUANTS:
-            raise ValueError(f"draft_quant must be one of {DRAFT_QUANTS}, got {self.draft_quant!r}")
+        for name in ("weights", "draft_weights"):
+            if getattr(self, name) not in WEIGHT_FORMATS:
+                raise ValueError(f"{name} must be one of {', '.join(WEIGHT_FORMATS)}, got {getattr(self, name)!r}")
         if isinstance(self.draft_head_rows, bool) or not isinstance(self.draft_head_rows, int) \
                 or self.draft_head_rows < 0:
             raise ValueError(f"draft_head_rows must be an integer >= 0 (0 = all), got {self.draft_head_rows!r}")

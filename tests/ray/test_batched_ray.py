@@ -17,7 +17,7 @@ PROMPTS = [[(11 * k + 5 * i) % 250 + 1 for i in range(4 + 3 * (k % 5))] for k in
 
 @pytest.fixture(scope="module")
 def engine(local_ray, model_cache):
-    cfg = SpecConfig(target="tiny", draft="tiny-draft:noise=0.02", dtype="float32", draft_quant="none",
+    cfg = SpecConfig(target="tiny", draft="tiny-draft:noise=0.02", dtype="float32",
                      cache_dir=model_cache, threads=1, num_stages=2, max_new_tokens=20, backend="local",
                      batch_sessions=16)
     with SpecMesh(cfg) as built:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from specmesh.actors.batched_draft import BatchedDraftWorker
 from specmesh.actors.draft import DraftWorker
 from specmesh.runtime import SpecConfig, SpecMesh
 
@@ -15,7 +16,7 @@ PROMPTS = [[(7 * k + 3 * i) % 256 for i in range(3 + 2 * k)] for k in range(12)]
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    cfg = SpecConfig(target="tiny", draft="tiny-draft:noise=0.02", dtype="float32", draft_quant="none",
+    cfg = SpecConfig(target="tiny", draft="tiny-draft:noise=0.02", dtype="float32",
                      cache_dir=str(tmp_path_factory.mktemp("models")), max_new_tokens=24, num_stages=2,
                      batch_sessions=16)
     with SpecMesh(cfg) as built:
@@ -38,18 +39,22 @@ def test_concurrent_sessions_equal_their_solo_runs(engine, kw):
         assert sum(batched.values()) > 0, f"no batch of more than one session ran: {stage_after}"
 
 
-def test_an_int8_draft_is_not_batched_and_its_seeded_runs_still_repeat(tmp_path_factory):
-    """int8 scales activations per forward, so a batched int8 q would depend on its neighbours."""
-    cfg = SpecConfig(target="tiny", draft="tiny-draft:noise=0.02", dtype="float32", draft_quant="int8",
+@pytest.mark.parametrize("formats", [dict(weights="int8", draft_weights="int8"),
+                                     dict(weights="int4", draft_weights="int4")])
+def test_low_bit_workers_batch_and_their_seeded_runs_repeat_solo(tmp_path_factory, formats):
+    """Every weight format keeps rows independent (int8 quantises activations per row), so the draft
+    and the stages batch and a seeded session's output does not depend on its neighbours."""
+    cfg = SpecConfig(target="tiny", draft="tiny-draft:noise=0.02", dtype="float32", **formats,
                      cache_dir=str(tmp_path_factory.mktemp("models")), max_new_tokens=16, batch_sessions=8)
     with SpecMesh(cfg) as built:
-        assert type(built.backend.drafter.worker) is DraftWorker
+        assert type(built.backend.drafter.worker) is BatchedDraftWorker
         solo = [built.generate(p, temperature=1.0, seed=3).output_ids for p in PROMPTS[:8]]
         assert [r.output_ids for r in built.generate_many(PROMPTS[:8], temperature=1.0, seed=3)] == solo
+        assert any(n > 1 for n in built.backend.drafter.worker.batch_stats())
 
 
 def test_batching_off_steps_each_round_alone(tmp_path_factory):
-    cfg = SpecConfig(target="tiny", draft="tiny-draft", dtype="float32", draft_quant="none", num_stages=2,
+    cfg = SpecConfig(target="tiny", draft="tiny-draft", dtype="float32", num_stages=2,
                      cache_dir=str(tmp_path_factory.mktemp("models")), max_new_tokens=8, batch_sessions=1)
     with SpecMesh(cfg) as off:
         assert off.backend.target.batchers is None and off.backend.target.batch_stats() == []

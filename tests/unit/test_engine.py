@@ -236,7 +236,7 @@ def test_overlap_reuses_speculation_when_the_draft_is_right(cache):
     """With the target as its own draft every round is fully accepted and the bonus guessed right:
     every depth after the first round comes from speculation (the draft in full precision: an int8
     copy of the target is another model)."""
-    with SpecMesh(_config(cache, draft=TARGET, num_stages=2, draft_quant="none")) as engine:
+    with SpecMesh(_config(cache, draft=TARGET, num_stages=2)) as engine:
         out = engine.generate(PROMPT, overlap=True, gamma=4)
         ref = engine.generate(PROMPT, draft=None)
     assert out.output_ids == ref.output_ids

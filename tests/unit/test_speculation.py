@@ -36,7 +36,7 @@ def _verdicts(w: DraftWorker, first) -> list[list[int]]:
     return [b.context for b in w.sessions["s"].spec_branches]
 
 
-@pytest.mark.parametrize("quant", ["none", "int8"])
+@pytest.mark.parametrize("quant", ["dense", "int8", "int4"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_every_guessed_verdict_is_reused_and_proposes_what_a_fresh_draft_does(draft_dir, quant, temperature):
     probe = _worker(draft_dir, quant)
@@ -69,7 +69,7 @@ def test_every_guessed_verdict_is_reused_and_proposes_what_a_fresh_draft_does(dr
 
 
 def test_a_verdict_nobody_guessed_drafts_afresh(draft_dir):
-    w = _worker(draft_dir, "none")
+    w = _worker(draft_dir, "dense")
     first = _first_round(w, 0.0)
     w.speculate("s", GAMMA, 1, None)
     guessed = {tuple(c) for c in _verdicts(w, first)}
@@ -80,7 +80,7 @@ def test_a_verdict_nobody_guessed_drafts_afresh(draft_dir):
 
 
 def test_trees_speculate_on_full_acceptance_only(draft_dir):
-    w = _worker(draft_dir, "none")
+    w = _worker(draft_dir, "dense")
     w.open(OpenSession("s", SamplingParams(temperature=0.0, seed=1), POLICY))
     w.propose(ProposeRequest("s", 1, 0, list(PROMPT), GAMMA, 0, width=2))
     w.speculate("s", GAMMA, 2, None)
@@ -88,7 +88,7 @@ def test_trees_speculate_on_full_acceptance_only(draft_dir):
 
 
 def test_a_spent_budget_stops_after_the_likeliest_verdict(draft_dir):
-    w = _worker(draft_dir, "none")
+    w = _worker(draft_dir, "dense")
     _first_round(w, 0.0)
     w.speculate("s", GAMMA, 1, 0.0)
     assert len(w.sessions["s"].spec_branches) == 1
@@ -101,7 +101,7 @@ def test_alternative_verdicts_order_and_gaps():
 
 
 def test_a_proposal_that_arrives_stops_speculation_after_the_depth_in_hand(draft_dir):
-    w = _worker(draft_dir, "none")
+    w = _worker(draft_dir, "dense")
     _first_round(w, 0.0)
     calls = {"n": 0}
     depth = w._depth
