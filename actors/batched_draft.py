@@ -8,8 +8,9 @@ sessions gather, and run as one batched forward (``actors/batched.py``) followed
 their last rows. Drafting stays a pure function of each session's context, seed and position up to
 float rounding, so overlap and speculation keep their guarantees.
 
-Every weight format keeps a row's output independent of what is fed beside it (``actors/lowbit.py``:
-int8 activations are quantised per row), so a seeded sampled run repeats its solo output under load.
+Every weight format computes each row on its own (``actors/lowbit.py``: int8 activations are
+quantised per row), so a session's q does not depend on its neighbours' values (up to float rounding
+of the padded attention).
 """
 from __future__ import annotations
 

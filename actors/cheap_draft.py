@@ -4,9 +4,9 @@ against the q it really sampled from, so the draft may be any model over the sam
 Two economies, each measured (``benchmarks/draft_cost.py``):
 
 - ``weights``: the draft's linear layers in a low-bit format (``actors/lowbit.py``; default
-  ``auto``, which on a CPU with int8 dot products picks int8 weights with activations quantised per
-  row). Every format keeps a row's output independent of the rows beside it, so the draft batches
-  across sessions and a token's q never depends on how it was fed.
+  ``auto``: on an AVX512 EPYC int4 weight-only, the fastest for one token at a time). Every format
+  computes each row on its own (int8 quantises activations per row), so the draft batches across
+  sessions.
 - ``head_rows=N``: the LM head computes logits for token ids ``< N`` only (byte-level BPE ids are
   ordered by merge rank, so the first ids are the most frequent pieces); the draft then samples only
   within that set, which its sparse q already expresses (q = 0 elsewhere). Saves ``1 - N/V`` of the
@@ -37,13 +37,15 @@ class _RestrictedHead(torch.nn.Module):
         return out
 
 
-def make_cheaper(stage: StageModel, weights: str = "auto", head_rows: int = 0) -> StageModel:
+def make_cheaper(stage: StageModel, weights: str = "auto", head_rows: int = 0,
+                 dtype: torch.dtype | None = None) -> StageModel:
     """Applies the chosen economies to a loaded draft in place and returns it.
 
     Args:
         stage: the draft (one stage holding every layer).
         weights: the linear layers' format, one of :data:`lowbit.FORMATS`.
         head_rows: 0 = the full LM head; N = logits for ids ``< N`` only (1 <= N <= vocab).
+        dtype: the dtype it computes in (None: the model's as loaded).
     """
     lowbit.check_format(weights, "draft weights")
     if not 0 <= head_rows <= stage.vocab_size:
@@ -51,5 +53,5 @@ def make_cheaper(stage: StageModel, weights: str = "auto", head_rows: int = 0) -
     module = stage.module
     if head_rows and head_rows < stage.vocab_size:
         module.lm_head = _RestrictedHead(module.lm_head, head_rows, stage.vocab_size)
-    stage.formats = lowbit.apply(module, weights, lowbit.DRAFT_ROWS)
+    stage.formats = lowbit.apply(module, weights, lowbit.DRAFT_WORK, dtype)
     return stage

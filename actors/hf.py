@@ -24,16 +24,22 @@ _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str, weights: str = "dense") -> torch.dtype:
     """Maps a dtype name ("auto", "float32", "bfloat16", "float16") to torch, with a clear error.
 
-    "auto" is bf16 where this CPU computes bf16 natively (:func:`hardware.native_bf16`: AVX512-BF16
-    or AMX flags, and oneDNN's bf16 kernels), float32 elsewhere: on an AVX2-only CPU bf16 matrix
-    products are emulated and scale with the token count (16 tokens in one forward 3984 ms in bf16,
-    1276 ms in fp32), while with AVX512-BF16 bf16 is 2-4x faster than fp32. The models run on the
-    CPU, so a GPU in the machine does not enter the decision.
+    "auto" with dense weights is bf16 where this CPU computes bf16 natively
+    (:func:`hardware.native_bf16`: AVX512-BF16 or AMX flags, and oneDNN's bf16 kernels), float32
+    elsewhere: on an AVX2-only CPU bf16 matrix products are emulated and scale with the token count
+    (16 tokens in one forward 3984 ms in bf16, 1276 ms in fp32), while with AVX512-BF16 bf16 is 2-4x
+    faster than fp32. With low-bit ``weights`` (``actors/lowbit.py``) the matrix products are
+    integer kernels and what the dtype still decides (attention, norms, the KV cache) is faster in
+    float32: the bundled 0.5B's decode step with int4 weights, one thread of an AVX512-BF16 EPYC,
+    spent 11.1 ms in bf16 attention against 2.6 ms in float32. The models run on the CPU, so a GPU
+    in the machine does not enter the decision.
     """
     if name == "auto":
+        if weights != "dense":
+            return torch.float32
         return torch.bfloat16 if hardware.native_bf16() else torch.float32
     try:
         return _DTYPES[name]
@@ -111,7 +117,7 @@ def load_stage(
     *,
     is_first: bool | None = None,
     is_last: bool | None = None,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = torch.bfloat16,
 ) -> StageModel:
     """Loads decoder ``layers`` of the model in ``model_dir`` (HF layout, safetensors weights).
 
@@ -119,7 +125,8 @@ def load_stage(
         model_dir: directory with ``config.json`` and ``*.safetensors``.
         layers: global layer indices to hold; all layers when None.
         is_first / is_last: default to whether ``layers`` starts at 0 / ends at the last layer.
-        dtype: parameter dtype.
+        dtype: parameter dtype; None keeps each tensor's dtype in the file (a model about to be
+            converted to a low-bit format: no copy in another dtype is made first).
     """
     model_dir = Path(model_dir)
     config = load_config(model_dir)
@@ -131,7 +138,7 @@ def load_stage(
     is_last = layers.stop == total if is_last is None else is_last
     cfg = _sliced_config(config, layers)
     with torch.device("meta"):
-        module = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+        module = AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.float32, attn_implementation="sdpa")
     state = _read_owned_tensors(model_dir, config, layers, is_first, is_last, dtype)
     inner = module.model
     if not is_first:
@@ -148,7 +155,7 @@ def load_stage(
 
 def _read_owned_tensors(
     model_dir: Path, config: PretrainedConfig, layers: range, is_first: bool, is_last: bool,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
 ) -> dict[str, torch.Tensor]:
     index = _safetensors_index(model_dir)
     wanted: dict[str, str] = {}  # file key -> module key
@@ -174,7 +181,8 @@ def _read_owned_tensors(
     for path, keys in by_file.items():
         with safe_open(str(path), framework="pt") as h:
             for key in keys:
-                state[wanted[key]] = h.get_tensor(key).to(dtype)
+                tensor = h.get_tensor(key)
+                state[wanted[key]] = tensor if dtype is None else tensor.to(dtype)
     if is_last and "lm_head.weight" not in state:
         # Tied embeddings: the head reads the embedding's rows (shared when this stage has both).
         embed = state["model.embed_tokens.weight"] if is_first else state.pop("model.embed_tokens.weight")

@@ -1,27 +1,37 @@
 """Low-bit linear layers: the weight format each linear layer of a worker computes in.
 
-Decoding one token reads every weight once (bound by memory bandwidth); verifying 5-17 rows does
-5-17 times the arithmetic on the same weights (bound by arithmetic). One format serves both only if
-it is cheap in bytes *and* its kernel stays flat in the number of rows. The formats, all torch's own
-operators (no hand-written kernels):
+Decoding one token reads every weight once (bound by memory bandwidth); verifying 5-17 rows and
+evaluating a prompt do that many times the arithmetic on the same weights. The formats, all torch's
+own operators (no hand-written kernels; torchao 0.18's CPU layouts were measured and were slower
+here: its int8 x int8 path 26 ms and its int8-activation x int4-weight path 81 ms per call on the
+layer below, their packed kernels not built for x86):
 
 - ``dense``: the model's dtype, ``nn.Linear`` as loaded (float32 layers may run on oneDNN,
   :mod:`.cpu_linear`).
 - ``int8``: weights int8, symmetric, one scale per output channel; activations quantised on the fly
   to int8 with one scale per *row*; the product by ``torch._int_mm`` (int8 x int8 -> int32, VNNI
   where the CPU has it), then scaled back. Integer sums are exact, so a row's output does not depend
-  on the rows computed beside it, bit for bit: the layer batches across sessions and a token's
-  logits do not depend on how it was fed. One 1536x8960 layer, one thread of an AMD EPYC with
-  AVX512-VNNI: 0.89 ms for 1 row, 1.73 for 8, 2.34 for 16 (bf16 ``F.linear``: 2.08, 3.00, 3.87).
+  on the rows computed beside it: the layer batches across sessions. But quantising activations
+  magnifies float rounding: where a token's hidden state differs in the last bits between two ways
+  of feeding it (one forward over five tokens, or five forwards of one), a value can round to the
+  next int8 step, and the bundled 1.5B's logits then differ by up to ~1 logit (``int4``: ~0.1,
+  float32 ``dense``: ~3e-5). Fastest for many rows: prompts, verification, batches.
 - ``int4``: weight-only, 4-bit, asymmetric groups of :data:`INT4_GROUP` along the input
-  (``aten._weight_int4pack_mm_for_cpu``, bf16 activations, the layout of GGUF's Q4 blocks):
-  0.83 ms for 1 row, 2.89 for 8, 5.46 for 16 on the same layer (it grows with the rows).
-- ``auto``: per layer shape, the fastest of the three at the rows the worker runs, measured at load
-  time (:func:`choose`); a format is kept over an earlier-preferred one only when it is at least
+  (``aten._weight_int4pack_mm_for_cpu``, bf16 activations, the layout of GGUF's Q4 blocks).
+  Fastest for one row; its cost grows with the rows.
+- ``auto``: per layer shape, the format that serves the worker's typical request fastest
+  (:data:`DRAFT_WORK`, :data:`STAGE_WORK`), measured at load time on weights read from memory
+  (:func:`choose`); a format is kept over an earlier-preferred one only when it is at least
   :data:`GAIN` times faster, so the choice does not flip with the clock's noise.
 
+One 1536x8960 layer, one thread of an AMD EPYC with AVX512-VNNI and AVX512-BF16, weights read from
+memory, ms per call (``python -m specmesh.benchmarks.kernels``): 1 row: bf16 2.72, int8 1.60, int4
+0.90; 8 rows: 3.55, 2.29, 2.70; 16 rows: 4.08, 3.00, 5.64; 64 rows: int4 ~21, int8 ~5.7. The whole
+1.5B, 150 prompt tokens in one forward: int4 5.5 s, bf16 2.5 s, int8 1.4 s.
+
 A layer's format is fixed for the worker's life: target-only decoding and verification run the same
-function of the weights, so speculation stays exact relative to the target *as it runs*.
+weights, so speculation stays exact relative to the target *as it runs* (greedy outputs may part
+only where the target's top two logits are within the format's rounding, above).
 """
 from __future__ import annotations
 
@@ -29,7 +39,7 @@ import ctypes
 import os
 import functools
 import time
-from typing import Iterable
+from typing import Mapping
 
 import torch
 
@@ -41,12 +51,21 @@ INT4_GROUP = 32
 #: Under ``auto`` a layer of fewer weights stays dense (tiny models: nothing to win)
 MIN_WEIGHTS = 1 << 18
 GAIN = 1.2  # a later-preferred format must be at least this much faster to be chosen
-PREFERENCE = ("int8", "int4", "dense")  # int8 first: rows independent bit for bit, flat in rows
+PREFERENCE = ("int8", "int4", "dense")  # int8 first: flat in rows (batches, prompts)
 PROBE_REPEATS = 5
-#: Rows per forward a worker runs, for ``auto``: a draft steps one token per session (more when
-#: sessions batch); a target stage runs one row to decode and ~gamma + 1 to verify.
-DRAFT_ROWS = (1,)
-STAGE_ROWS = (1, 8)
+PROBE_MAX_OUT = 16384  # a probe of a wider layer (an LM head) times this many of its outputs
+#: A worker's typical request, for ``auto``: {rows per forward: forwards}. A draft evaluates a
+#: 128-token prompt (two forwards of 64 rows) and drafts ~96 single tokens for 64 new ones (gamma 4
+#: plus the steps verification rejects); a target stage evaluates the prompt and verifies ~16 rounds
+#: of gamma + 1 = 5-9 rows.
+DRAFT_WORK = {1: 96, 64: 2}
+STAGE_WORK = {8: 16, 64: 2}
+
+
+def load_dtype(dtype: torch.dtype, fmt: str) -> torch.dtype | None:
+    """The dtype to load a model in for format ``fmt`` computing in ``dtype``: the file's own (None)
+    for the low-bit formats, which convert each weight from it (see :func:`apply`)."""
+    return dtype if fmt == "dense" else None
 
 
 def check_format(name: str, what: str = "weights") -> str:
@@ -119,6 +138,29 @@ class Int4Linear(torch.nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)  # [..., out]
 
 
+class Int8Embedding(torch.nn.Module):
+    """An embedding table stored int8, one scale per token row (the low-bit formats' embedding: a
+    lookup reads one row, so int8 rows cost nothing at run time and halve a bf16 table).
+
+    Buffers: ``weight`` ``[vocab, hidden]`` int8, ``scale`` ``[vocab, 1]`` float32.
+    """
+
+    fmt = "int8"
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        w = weight.detach()
+        self.dtype = dtype or w.dtype  # of the rows it returns
+        scale = (w.float().abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)  # [vocab, 1]
+        rows = [torch.round(w[i:i + 4096].float() / scale[i:i + 4096]).to(torch.int8)
+                for i in range(0, w.shape[0], 4096)]  # in blocks: no float32 copy of the whole table
+        self.register_buffer("weight", torch.cat(rows))
+        self.register_buffer("scale", scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.weight[ids].float() * self.scale[ids]).to(self.dtype)  # [..., hidden]
+
+
 _KINDS = {"int8": Int8Linear, "int4": Int4Linear}
 
 
@@ -134,10 +176,16 @@ def format_of(layer: torch.nn.Module) -> str:
     return getattr(layer, "fmt", "dense")
 
 
-def _seconds(layer: torch.nn.Module, x: torch.Tensor) -> float:
+#: Bytes read between timed calls so that a probed layer's weights come from memory, not the cache
+#: (a model's layers do not fit in the cache; a probe that loops over one layer would).
+EVICT_BYTES = 96 << 20
+
+
+def _seconds(layer: torch.nn.Module, x: torch.Tensor, scratch: torch.Tensor) -> float:
     layer(x)  # warm: first calls allocate and pick kernels
     best = float("inf")
     for _ in range(PROBE_REPEATS):
+        scratch.add_(1)  # evicts the layer's weights from the caches
         t0 = time.perf_counter()
         layer(x)
         best = min(best, time.perf_counter() - t0)
@@ -151,15 +199,20 @@ def candidates(out_features: int, in_features: int) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _choose_shape(out_features: int, in_features: int, rows: tuple[int, ...], dtype: torch.dtype,
+def _choose_shape(out_features: int, in_features: int, work: tuple[tuple[int, int], ...], dtype: torch.dtype,
                   bias: bool) -> str:
-    probe = torch.nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
-    x = {m: torch.randn(m, in_features, dtype=dtype) for m in rows}  # [m, in]
+    out_features = min(out_features, PROBE_MAX_OUT)  # the kernels scale with the outputs; LM heads are huge
+    probe = torch.nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device="meta")
+    probe.weight = torch.nn.Parameter(torch.randn(out_features, in_features, dtype=dtype) * 0.02, False)
+    if bias:
+        probe.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype), False)
+    x = {m: torch.randn(m, in_features, dtype=dtype) for m, _ in work}  # [m, in]
+    scratch = torch.zeros(EVICT_BYTES // 4)
     times = {}
     with torch.no_grad():
         for fmt in candidates(out_features, in_features):
             layer = convert(probe, fmt)
-            times[fmt] = sum(_seconds(layer, x[m]) for m in rows)
+            times[fmt] = sum(n * _seconds(layer, x[m], scratch) for m, n in work)
     best = next(iter(times))
     for fmt, t in times.items():
         if t * GAIN <= times[best]:
@@ -167,44 +220,69 @@ def _choose_shape(out_features: int, in_features: int, rows: tuple[int, ...], dt
     return best
 
 
-def choose(layer: torch.nn.Linear, fmt: str, rows: Iterable[int]) -> str:
+def choose(layer: torch.nn.Linear, fmt: str, work: Mapping[int, int], dtype: torch.dtype | None = None) -> str:
     """The format ``layer`` takes: ``fmt`` itself where the layer's shape fits it (else ``dense``);
     for ``auto``, ``dense`` below :data:`MIN_WEIGHTS` weights (nothing to win) and otherwise the
-    measured choice at ``rows`` (timed once per process, shape and dtype)."""
+    format that runs ``work`` ({rows per forward: forwards}) fastest with activations in ``dtype``
+    (default: the weight's; timed once per process, shape, work and dtype)."""
     out_f, in_f = layer.out_features, layer.in_features
     if fmt == "dense" or layer.weight.device.type != "cpu":
         return "dense"
     if fmt == "auto":
         if layer.weight.numel() < MIN_WEIGHTS:
             return "dense"
-        return _choose_shape(out_f, in_f, tuple(sorted(set(rows))), layer.weight.dtype, layer.bias is not None)
+        return _choose_shape(out_f, in_f, tuple(sorted(work.items())), dtype or layer.weight.dtype,
+                             layer.bias is not None)
     return fmt if fmt in candidates(out_f, in_f) else "dense"
 
 
-def apply(module: torch.nn.Module, fmt: str, rows: Iterable[int]) -> dict[str, int]:
-    """Converts, in place, every ``nn.Linear`` of ``module`` to its chosen format (:func:`choose`);
-    the dense originals are dropped. float32 layers left dense go to oneDNN where it is faster
+def apply(module: torch.nn.Module, fmt: str, work: Mapping[int, int], dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Converts, in place, every ``nn.Linear`` of ``module`` to its chosen format (:func:`choose`),
+    and with a low-bit format a large embedding table to :class:`Int8Embedding`; the dense
+    originals are dropped. Then every parameter left (norms, dense layers) is cast to ``dtype``, the
+    dtype the model computes in, and float32 layers left dense go to oneDNN where it is faster
     (:func:`cpu_linear.use_onednn`). Returns how many layers took each format.
+
+    A model meant for a low-bit format is best loaded in its file's own dtype (``hf.load_stage``
+    with ``dtype=None``): each weight is read once, converted, and dropped; no dense copy in the
+    compute dtype is ever made.
 
     Args:
         module: a loaded model (inference only).
         fmt: one of :data:`FORMATS`.
-        rows: the rows per forward the worker runs (1 for a decode step, ~gamma + 1 to verify).
+        work: the worker's typical request for ``auto``, {rows per forward: forwards}
+            (:data:`DRAFT_WORK`, :data:`STAGE_WORK`).
+        dtype: the compute dtype (None: the parameters' own).
     """
     check_format(fmt)
-    rows = tuple(rows)
     counts: dict[str, int] = {}
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Embedding and fmt != "dense" and (
+                    fmt != "auto" or child.weight.numel() >= MIN_WEIGHTS):
+                with torch.no_grad():
+                    setattr(parent, name, Int8Embedding(child.weight, dtype))
+                counts["int8 embedding"] = counts.get("int8 embedding", 0) + 1
             if type(child) is not torch.nn.Linear:
                 continue
-            chosen = choose(child, fmt, rows)
+            chosen = choose(child, fmt, work, dtype)
             if chosen != "dense":
                 setattr(parent, name, convert(child, chosen))
             counts[chosen] = counts.get(chosen, 0) + 1
+    if dtype is not None or set(counts) - {"dense"}:
+        _own_memory(module, dtype)
     cpu_linear.use_onednn(module)
     release_freed_memory()
     return counts
+
+
+def _own_memory(module: torch.nn.Module, dtype: torch.dtype | None) -> None:
+    """Copies the parameters left (norms, any dense layer) out of the weights file, in ``dtype``: a
+    loaded tensor maps its file, and while one does, the file's pages that conversion read stay
+    resident."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.data = p.data.to(dtype or p.dtype, copy=True)
 
 
 def summary(counts: dict[str, int]) -> str:
@@ -228,3 +306,25 @@ def resident_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory so far (bytes, ``VmHWM``); 0 where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(l for l in f if l.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, IndexError, ValueError):
+        return 0
+
+
+def describe_workers(workers: list[dict]) -> list[str]:
+    """One line per worker: its role, the weight formats it computes in, its resident memory."""
+    lines = []
+    for w in workers:
+        mem = f"{w['rss_bytes'] / 1e9:.2f} GB resident" if w.get("rss_bytes") else "memory unknown"
+        if w.get("peak_rss_bytes"):
+            mem += f" (peak {w['peak_rss_bytes'] / 1e9:.2f} GB)"
+        where = f"pid {w['pid']}" if "pid" in w else ""
+        lines.append(f"{w.get('role', '?')}: {summary(w.get('formats') or {})}; {mem}; {where}".rstrip("; "))
+    return lines

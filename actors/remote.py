@@ -25,7 +25,7 @@ from specmesh.runtime.federated import worker_reply
 from specmesh.runtime.messages import DraftProposal, ErrorMessage, OpenSession, ProposeRequest, VerifyResult
 from specmesh.runtime.traffic import TrafficMeter
 
-from . import hf
+from . import hf, lowbit
 from .cheap_draft import make_cheaper
 from .batched_draft import BatchedDraftWorker, make_draft_worker
 from .models import resolve
@@ -87,8 +87,10 @@ def _load(spec: WorkerSpec) -> hf.StageModel:
     torch.set_num_threads(spec.threads)
     path = resolve(spec.model, spec.cache_dir)
     layers = range(*spec.layers) if spec.layers else None
-    stage = hf.load_stage(path, layers, dtype=hf.resolve_dtype(spec.dtype))
-    return make_cheaper(stage, spec.weights, spec.draft_head_rows) if spec.layers is None else stage
+    dtype = hf.resolve_dtype(spec.dtype, spec.weights)
+    stage = hf.load_stage(path, layers, dtype=lowbit.load_dtype(dtype, spec.weights))
+    # a stage's weight format is applied by TargetStage, the draft's here
+    return make_cheaper(stage, spec.weights, spec.draft_head_rows, dtype) if spec.layers is None else stage
 
 
 # An error text longer than this is cut, so that the error message itself always encodes.
@@ -179,7 +181,8 @@ class _Base:
     def node_info(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "ip": ray.util.get_node_ip_address(), "threads": torch.get_num_threads(),
-                "cores": sorted(os.sched_getaffinity(0))}
+                "cores": sorted(os.sched_getaffinity(0)), "rss_bytes": lowbit.resident_bytes(),
+                "peak_rss_bytes": lowbit.peak_resident_bytes()}
 
 
 @ray.remote
@@ -210,7 +213,7 @@ class DraftActor(_Base):
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def ready(self) -> dict:
-        return {"vocab_size": self.vocab_size, **self.node_info()}
+        return {"vocab_size": self.vocab_size, "formats": self.worker.model.formats, **self.node_info()}
 
     def open(self, data: bytes) -> None:
         self.worker.open(_opened(data, self.vocab_size))
@@ -253,7 +256,8 @@ class StageActor(_Base):
         super().__init__(model.vocab_size, inbound, outbound)
         # The vocabulary's strings only when a session asks for a rule with a lexicon.
         self.worker = TargetStage(model, vocab=lambda: hf.vocab_strings(
-            hf.load_tokenizer(resolve(spec.model, spec.cache_dir)), model.vocab_size), weights=spec.weights)
+            hf.load_tokenizer(resolve(spec.model, spec.cache_dir)), model.vocab_size), weights=spec.weights,
+            dtype=hf.resolve_dtype(spec.dtype, spec.weights))
         self.by_reference = by_reference  # hand frames on by reference (see _hand_on)
         # Batched rounds: messages that arrive while a forward runs are served by the next one
         # (TargetStage.step_many). Each waits in a thread of its own so the event loop stays free;
@@ -262,7 +266,8 @@ class StageActor(_Base):
         self._pool = ThreadPoolExecutor(2 * spec.batch_sessions, "stage-batch") if self._batcher else None
 
     def ready(self) -> dict:
-        return {"vocab_size": self.vocab_size, "layers": list(self.worker.model.layers), **self.node_info()}
+        return {"vocab_size": self.vocab_size, "layers": list(self.worker.model.layers),
+                "formats": self.worker.model.formats, **self.node_info()}
 
     def batch_stats(self) -> dict[int, int]:
         """How many forwards ran of each batch size (``{sessions: count}``); empty when off."""

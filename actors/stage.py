@@ -47,13 +47,15 @@ class TargetStage:
         vocab: loads the vocabulary's token strings by id, for acceptance rules with a lexicon
             (called once, when the first session that asks for a rule other than ``exact`` opens).
         weights: the linear layers' weight format (``actors/lowbit.py``), applied here, once.
+        dtype: the dtype it computes in (None: the model's as loaded).
     """
 
     def __init__(self, model: hf.StageModel, threads: int | None = None,
-                 vocab: Callable[[], Sequence[str]] | None = None, weights: str = "auto") -> None:
+                 vocab: Callable[[], Sequence[str]] | None = None, weights: str = "auto",
+                 dtype: torch.dtype | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
-        model.formats = lowbit.apply(model.module, weights, lowbit.STAGE_ROWS)  # after threads: auto times
+        model.formats = lowbit.apply(model.module, weights, lowbit.STAGE_WORK, dtype)  # after threads: auto times
         self.model = model
         self.sessions: dict[str, _StageSession] = {}
         self._vocab_loader = vocab

@@ -18,7 +18,7 @@ from specmesh.runtime.config import DEFAULT_DRAFT, DEFAULT_TARGET, DTYPES
 
 from .prompts import DEFAULT_HUMANEVAL
 
-SCENARIOS = ("latency", "gamma", "sparsifier", "hf", "quality", "lengths")  # run (and reported) in this order
+SCENARIOS = ("latency", "gamma", "sparsifier", "hf", "quality", "lengths", "llamacpp")  # run (and reported) in this order
 # Temperature of a scenario when --temperature is not given: the sparsifier samples (greedy q is
 # one-hot, every sparsifier would accept alike); quality and lengths are greedy. --temperature sets
 # these three; latency, gamma and hf are always greedy.
@@ -79,26 +79,26 @@ GRIDS = {  # (models, quick) -> grid
     ("tiny", False): Grid(**_FULL_SWEEP, repeats=3, prompts={"latency": 2, "lengths": 2},
                           lengths_latencies_ms=(0.0, 20.0),
                           tokens={"latency": 32, "gamma": 48, "sparsifier": 48, "hf": 64, "quality": 32,
-                                  "lengths": 48}),
+                                  "lengths": 48, "llamacpp": 64}),
     ("tiny", True): Grid(latencies_ms=(0, 20), stage_counts=(1, 2), sparse_ks=(4, 16), sparse_masses=(0.9,),
                          gammas=(2, 4), draft_lengths=("fixed", "heuristic"), repeats=2,
                          prompts={"latency": 1, "gamma": 1, "sparsifier": 1, "hf": 2, "lengths": 1},
                          lengths_gammas=(1, 2, 4), lengths_latencies_ms=(0.0, 5.0),
                          tokens={"latency": 16, "gamma": 16, "sparsifier": 16, "hf": 16, "quality": 16,
-                                 "lengths": 16}),
+                                 "lengths": 16, "llamacpp": 16}),
     # The real pair: a 1.5B decode step is ~200 ms on 2 cores, so the distributed grids are reduced.
     ("bundled", False): Grid(**{**_FULL_SWEEP, "latencies_ms": (0, 20, 50), "stage_counts": (1, 2)},
                              repeats=1, prompts={"latency": 1, "gamma": 1, "sparsifier": 2},
                              # lengths: ~30 rounds a run at gamma 4, so that the adaptive policies settle
                              tokens={"latency": 48, "gamma": 48, "sparsifier": 48, "hf": 128, "quality": 256,
-                                     "lengths": 128}),
+                                     "lengths": 128, "llamacpp": 64}),
     ("bundled", True): Grid(latencies_ms=(0, 50), stage_counts=(2,), sparse_ks=(16,), sparse_masses=(0.95,),
                             gammas=(4,), draft_lengths=("fixed",), repeats=1,
                             prompts={"latency": 1, "gamma": 1, "sparsifier": 1, "hf": 1, "quality": 1,
                                      "lengths": 1},
                             lengths_gammas=(2, 4, 6), lengths_adaptive=("tkslt", "online"),
                             tokens={"latency": 24, "gamma": 24, "sparsifier": 24, "hf": 32, "quality": 128,
-                                    "lengths": 48}),
+                                    "lengths": 48, "llamacpp": 32}),
 }
 
 

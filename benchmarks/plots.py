@@ -83,7 +83,7 @@ def plot_sparsifier(s: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_hf(s: dict, path: Path) -> Path:
+def plot_hf(s: dict, path: Path, title: str = "SpecMesh vs transformers (greedy, same pair, same threads)") -> Path:
     variants = hf_variants(s)
     scopes = list(s["summary"])
     fig, ax = plt.subplots(figsize=(7.5, 4))
@@ -92,7 +92,7 @@ def plot_hf(s: dict, path: Path) -> Path:
         xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(scopes))]
         ax.bar(xs, [s["summary"][sc][TOKENS_PER_S + v]["mean"] or 0 for sc in scopes], width, label=v)
     ax.set_xticks(range(len(scopes)), scopes)
-    ax.set(ylabel="tokens/s", title="SpecMesh vs transformers (greedy, same pair, same threads)")
+    ax.set(ylabel="tokens/s", title=title)
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
@@ -143,5 +143,10 @@ def plot_lengths(s: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_llamacpp(s: dict, path: Path) -> Path:
+    return plot_hf(s, path, title="SpecMesh vs llama.cpp on the same GGUF (greedy, same threads)")
+
+
 PLOTS = {"latency": plot_latency, "gamma": plot_gamma, "sparsifier": plot_sparsifier, "hf": plot_hf,
+         "llamacpp": plot_llamacpp,
          "quality": plot_quality, "lengths": plot_lengths}

@@ -11,6 +11,8 @@ import math
 import sys
 from pathlib import Path
 
+from specmesh.actors.lowbit import describe_workers
+
 from .plots import PLOTS, TOKENS_PER_S, close_figures, hf_variants
 from .profile import profile_lines
 from .report_policies import section_lengths, section_quality
@@ -207,8 +209,32 @@ def section_hf(s: dict, image: str | None) -> list[str]:
     return lines + ([f"![hf]({image})", ""] if image else [])
 
 
+def section_llamacpp(s: dict, image: str | None) -> list[str]:
+    lines = ["## llamacpp: SpecMesh beside llama.cpp on the bundled target's own GGUF", ""]
+    if s.get("skipped"):
+        return lines + [f"Skipped: {s['skipped']}.", ""]
+    summ, variants = s["summary"], hf_variants(s)
+    cfg = s["config"]
+    lines += [f"Prompts {', '.join(s['prompts'])}; up to {s['max_new_tokens']} new tokens (all stop at EOS); "
+              f"greedy; {s['threads']} thread(s) for both, prompt evaluation timed with the generation. "
+              f"llama.cpp: plain decoding of `{s['gguf']}`. SpecMesh: {_config_line(cfg)}, one stage, links "
+              f"{s['links']}, weights {cfg.get('weights')}, draft weights {cfg.get('draft_weights')}.", ""]
+    ratio_cols = [k for k in next(iter(summ.values())) if not k.startswith(TOKENS_PER_S)]
+    rows = [[scope] + [fmt(e[TOKENS_PER_S + v]) for v in variants] + [fmt(e[k], ".2f", "x") for k in ratio_cols]
+            for scope, e in summ.items()]
+    lines += _table(["prompt"] + [f"{v} tok/s" for v in variants] + ratio_cols, rows) + [""]
+    same = s.get("specmesh_equals_target_only", {})
+    lines += ["SpecMesh's output equals its target-only decoding (greedy, same weights): "
+              + ", ".join(f"{p} {_yes(v)}" for p, v in same.items()) + ".", ""]
+    workers = [f"- {line}" for line in describe_workers(s.get("workers", []))]
+    lines += (["Workers (weight formats that ran, resident memory):", *workers, ""] if workers else [])
+    lines += profile_lines([("", [r for r in s["runs"] if r["variant"] != "llama.cpp"])])
+    return lines + ([f"![llamacpp]({image})", ""] if image else [])
+
+
 SECTIONS = {"latency": section_latency, "gamma": section_gamma, "sparsifier": section_sparsifier,
-            "hf": section_hf, "quality": section_quality, "lengths": section_lengths}
+            "hf": section_hf, "quality": section_quality, "lengths": section_lengths,
+            "llamacpp": section_llamacpp}
 
 
 if __name__ == "__main__":  # rebuild report.md and the plots from DIR/results.json

@@ -116,6 +116,64 @@ def scenario_hf(b: Bench) -> dict:
             "summary": hf_summary(rows, b.repeats), "identity": identity}
 
 
+def scenario_llamacpp(b: Bench) -> dict:
+    """SpecMesh (1 stage, no link; target-only and speculative) beside llama.cpp's plain greedy
+    decoding of the bundled target's own GGUF: same prompts, tokens and threads, in one run."""
+    from specmesh.actors.model_store import pull_gguf
+
+    from .llamacpp import INSTALL_HINT, LlamaCppPeer, available
+
+    if b.options.models != "bundled":
+        return {"skipped": "llama.cpp runs the bundled target's GGUF: use --models bundled"}
+    if not available():
+        b.console.print(f"  llamacpp skipped: {INSTALL_HINT}")
+        return {"skipped": INSTALL_HINT}
+    engine, topo, _ = b.engine(1, 0.0)
+    cfg = engine.config
+    torch.set_num_threads(b.threads)
+    gguf = pull_gguf(cfg.target, cfg.cache_dir)
+    with b.console.status("loading llama.cpp"):
+        peer = LlamaCppPeer(gguf, b.threads)
+    prompts, n_tokens, decode = b.prompts("llamacpp"), b.tokens("llamacpp"), decoder(engine)
+    eos = engine.backend.info.eos_token_ids
+    variants = [Variant(v.label, {**v.overrides, "max_new_tokens": n_tokens, "seed": b.options.seed})
+                for v in (BASELINE, SPECMESH)]
+    rows = []
+    task = b.progress.add_task("llamacpp", total=b.repeats * len(prompts) * (len(variants) + 1))
+    for r in range(b.repeats):
+        for i, (pid, prompt) in enumerate(prompts):
+            first = r == 0 and i == 0
+            runs = run_side_by_side(engine, [(pid, prompt)], variants, warmup=first,
+                                    on_run=lambda _run: b.progress.advance(task))
+            rows += [run_record(run, r, decode) for run in runs]
+            ids = _ids(engine, prompt)
+            if first:  # llama.cpp's own warm-up, untimed
+                peer.generate(ids, WARMUP_TOKENS, eos)
+            got = peer.generate(ids, n_tokens, eos)
+            rows.append({"prompt_id": pid, "variant": LLAMACPP, "repeat": r, "prompt_tokens": len(ids),
+                         "tokens": len(got.output_ids), "wall_s": got.wall_s, "tokens_per_s": got.tokens_per_s,
+                         "output_ids": got.output_ids, **({"text": decode(got.output_ids)} if decode else {})})
+            b.progress.advance(task)
+            if b.checkpoint is not None:
+                b.checkpoint(f"llamacpp {pid} repeat {r}", {"runs": rows[-(len(variants) + 1):]})
+    b.progress.remove_task(task)
+    del peer
+    gc.collect()
+    first = [r for r in rows if r["repeat"] == 0]
+    same = {pid: next(r["output_ids"] for r in first if r["prompt_id"] == pid and r["variant"] == SPECMESH.label)
+            == next(r["output_ids"] for r in first if r["prompt_id"] == pid and r["variant"] == BASELINE.label)
+            for pid, _ in prompts}
+    return {"prompts": [p for p, _ in prompts], "max_new_tokens": n_tokens, "links": topo.describe_links(),
+            "threads": b.threads, "gguf": gguf.name, "config": config_dict(engine), "repeats": b.repeats,
+            "runs": rows, "summary": hf_summary(rows, b.repeats, LLAMACPP_PAIRS),
+            "specmesh_equals_target_only": same, "workers": engine.backend.workers}
+
+
+LLAMACPP = "llama.cpp"
+# The llamacpp scenario's ratios: SpecMesh and its target-only decoding against the anchor, and its own speedup.
+LLAMACPP_PAIRS = (("specmesh", LLAMACPP), ("target-only", LLAMACPP), ("specmesh", "target-only"))
+
+
 def _ids(engine, prompt) -> list[int]:
     return list(engine.tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
 
@@ -148,15 +206,15 @@ def tokens_per_s(rows: list[dict], variant: str, repeat: int, prompt_id: str | N
     return sum(r["tokens"] for r in sel) / wall if wall else float("nan")
 
 
-def hf_summary(rows: list[dict], repeats: int) -> dict:
-    """Tokens/s per variant and the ``HF_PAIRS`` ratios, overall and per prompt, as :func:`stat`."""
+def hf_summary(rows: list[dict], repeats: int, pairs=HF_PAIRS) -> dict:
+    """Tokens/s per variant and the ``pairs`` ratios, overall and per prompt, as :func:`stat`."""
     prompt_ids = list(dict.fromkeys(r["prompt_id"] for r in rows))
     out: dict = {}
     for scope in [None, *prompt_ids]:
         tps = {v: [tokens_per_s(rows, v, r, scope) for r in range(repeats)]
                for v in dict.fromkeys(r["variant"] for r in rows)}
         entry = {f"tokens_per_s {v}": stat(vals) for v, vals in tps.items()}
-        for a, c in HF_PAIRS:
+        for a, c in pairs:
             entry[f"{a} / {c}"] = stat([x / y for x, y in zip(tps[a], tps[c])])
         out["all" if scope is None else scope] = entry
     return out
@@ -164,5 +222,5 @@ def hf_summary(rows: list[dict], repeats: int) -> dict:
 
 SCENARIO_FUNCS: dict[str, Callable[[Bench], dict]] = {
     "latency": scenario_latency, "gamma": scenario_gamma, "sparsifier": scenario_sparsifier,
-    "hf": scenario_hf, "quality": scenario_quality, "lengths": scenario_lengths,
+    "hf": scenario_hf, "quality": scenario_quality, "lengths": scenario_lengths, "llamacpp": scenario_llamacpp,
 }

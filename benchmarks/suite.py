@@ -70,7 +70,7 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> dict:
         "schema": SCHEMA_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": options.command_line(), "options": dataclasses.asdict(options),
         "grid": dataclasses.asdict(grid),
-        "models": {**dataclasses.asdict(m), "dtype_resolved": str(resolve_dtype(m.dtype)).removeprefix("torch.")},
+        "models": {**dataclasses.asdict(m), "dtype_resolved": str(resolve_dtype(m.dtype, "auto")).removeprefix("torch.")},
         "seed": options.seed, "machine": machine, "versions": versions,
         "scenarios": {},
     }

@@ -123,7 +123,7 @@ def demo(
 @app.command()
 def bench(
     out: Path = typer.Option(Path("bench-out"), help="Output folder: results.json, report.md, one PNG per scenario."),
-    scenario: Optional[list[str]] = typer.Option(None, help="latency | gamma | sparsifier | hf | quality | lengths; repeat for several. [default: all]"),
+    scenario: Optional[list[str]] = typer.Option(None, help="latency | gamma | sparsifier | hf | quality | lengths | llamacpp; repeat for several. [default: all]"),
     models: str = typer.Option("tiny", help="tiny (random models: seconds per point) | bundled (the real Qwen2.5-Coder pair: reduced grids, tens of minutes)."),
     quick: bool = typer.Option(False, "--quick", help="Reduced grid: about a minute on tiny models (CI)."),
     repeats: Optional[int] = typer.Option(None, help="Repetitions of every measurement (quality: samples per problem). [default: 3 tiny, 2 quick, 1 bundled; quality 1]"),
@@ -151,10 +151,12 @@ def bench(
     hf: SpecMesh in-process vs transformers assisted generation (tokens/s, identical output).
     quality: HumanEval pass@1 beside tokens/s per acceptance policy (lossy ones marked), default strength.
     lengths: tokens/s vs gamma, static and adaptive draft lengths, vs the best static gamma per latency.
+    llamacpp: SpecMesh and its target-only decoding beside llama.cpp on the bundled target's own GGUF
+    (needs `pip install 'specmesh[llamacpp]'`; compare at --threads 1).
 
     Every SpecMesh section also shows where a round's time goes (as `specmesh run --profile`).
     Writes OUT/results.json (raw figures, machine, versions, links, seed), OUT/report.md, OUT/*.png.
-    Examples: `specmesh bench --quick` (CI); `specmesh bench --models bundled --scenario hf`.
+    Examples: `specmesh bench --quick` (CI); `specmesh bench --models bundled --scenario llamacpp --threads 1`.
     """
     from specmesh.benchmarks import options as bench_options
     from specmesh.benchmarks import suite

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from specmesh.actors import hf
+from specmesh.actors import hf, lowbit
 from specmesh.actors.models import resolve
 from specmesh.actors.stage import TargetStage
 from specmesh.policies.federated import FederatedSettings, federated_settings
@@ -211,16 +211,16 @@ def plan_federated(config: SpecConfig) -> FederatedPlan:
 def build_federated(config: SpecConfig) -> Backend:
     """Loads the draft and every federated worker in this process and wires them."""
     plan = plan_federated(config)
-    dtype = hf.resolve_dtype(config.dtype)
+    dtype = hf.resolve_dtype(config.dtype, config.weights)
     workers = []
     for w in plan.workers:
-        stages = [TargetStage(hf.load_stage(w.target_dir, r, dtype=dtype), config.threads, weights=config.weights)
-                  for r in w.split]
+        stages = [TargetStage(hf.load_stage(w.target_dir, r, dtype=lowbit.load_dtype(dtype, config.weights)),
+                              config.threads, weights=config.weights, dtype=dtype) for r in w.split]
         hops = [_Hop(h.name, links.emulated(h.spec, w.layout.emulate, real_network=False), h.direction)
                 for h in w.hops]
         workers.append(FederatedWorker(w.name, w.model, stages, hops))
     info = plan.info
-    drafter = load_drafter(config, dtype, plan.first_dir, info.vocab_size)
+    drafter = load_drafter(config, plan.first_dir, info.vocab_size)
     traffic = TrafficMeter()
     target = FederatedTarget(workers, plan.settings, _Wire(traffic, info.vocab_size), info.vocab_size)
     # Every worker processes every round alike: one set of target positions serves them all.

