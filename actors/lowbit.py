@@ -328,3 +328,13 @@ def describe_workers(workers: list[dict]) -> list[str]:
         where = f"pid {w['pid']}" if "pid" in w else ""
         lines.append(f"{w.get('role', '?')}: {summary(w.get('formats') or {})}; {mem}; {where}".rstrip("; "))
     return lines
+
+
+def memory_total(workers: list[dict]) -> str:
+    """The resident memory of every process that holds workers, this one (the driver) included:
+    now and the sum of each process's peak (processes are counted once, by pid)."""
+    procs = {os.getpid(): (resident_bytes(), peak_resident_bytes())}
+    for w in workers:
+        procs.setdefault(w.get("pid"), (w.get("rss_bytes", 0), w.get("peak_rss_bytes", 0)))
+    now, peak = (sum(v[i] for v in procs.values()) for i in (0, 1))
+    return f"all {len(procs)} process(es): {now / 1e9:.2f} GB resident, peaks summed {peak / 1e9:.2f} GB"

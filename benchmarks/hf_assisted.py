@@ -89,14 +89,15 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None
 
 
-def compare_outputs(peer: AssistedPeer, prompt_ids: Sequence[int], a: Sequence[int], b: Sequence[int],
+def compare_outputs(peer, prompt_ids: Sequence[int], a: Sequence[int], b: Sequence[int],
                     decode=None) -> dict:
     """Whether two greedy outputs agree; where not, the reference target's view of the first split.
 
     Returns:
         ``identical`` (same tokens, same length), ``common_prefix`` (tokens equal before any split),
         and at a split: ``index``, ``token_a``/``token_b`` (and their text when ``decode`` is given),
-        ``margin`` (|logit a - logit b| under :meth:`AssistedPeer.next_logits` over the shared prefix),
+        ``margin`` (|logit a - logit b| under ``peer.next_logits`` over the shared prefix: an
+        :class:`AssistedPeer`, or an in-process engine's target as it runs),
         ``top2_margin`` and ``near_tie`` (margin <= ``NEAR_TIE_LOGITS``).
     """
     i = first_divergence(a, b)

@@ -223,9 +223,15 @@ def section_llamacpp(s: dict, image: str | None) -> list[str]:
     rows = [[scope] + [fmt(e[TOKENS_PER_S + v]) for v in variants] + [fmt(e[k], ".2f", "x") for k in ratio_cols]
             for scope, e in summ.items()]
     lines += _table(["prompt"] + [f"{v} tok/s" for v in variants] + ratio_cols, rows) + [""]
-    same = s.get("specmesh_equals_target_only", {})
-    lines += ["SpecMesh's output equals its target-only decoding (greedy, same weights): "
-              + ", ".join(f"{p} {_yes(v)}" for p, v in same.items()) + ".", ""]
+    rows = []
+    for pid, d in s.get("specmesh_equals_target_only", {}).items():
+        split = "-" if d["identical"] else (f"lengths {d['len_a']}/{d['len_b']}" if "index" not in d else
+                                            f"token {d['index']}: {d.get('text_a', d['token_a'])!r} vs "
+                                            f"{d.get('text_b', d['token_b'])!r}")
+        rows.append([pid, _yes(d["identical"]), split, f"{d['margin']:.3f}" if "margin" in d else "-"])
+    lines += ["SpecMesh's output against its own target-only decoding (greedy, same weights; a split is "
+              "checked against the target's logits, as it runs, from one forward over the shared prefix):", ""]
+    lines += _table(["prompt", "identical", "first split", "logit margin"], rows) + [""]
     workers = [f"- {line}" for line in describe_workers(s.get("workers", []))]
     lines += (["Workers (weight formats that ran, resident memory):", *workers, ""] if workers else [])
     lines += profile_lines([("", [r for r in s["runs"] if r["variant"] != "llama.cpp"])])

@@ -159,10 +159,12 @@ def scenario_llamacpp(b: Bench) -> dict:
     b.progress.remove_task(task)
     del peer
     gc.collect()
-    first = [r for r in rows if r["repeat"] == 0]
-    same = {pid: next(r["output_ids"] for r in first if r["prompt_id"] == pid and r["variant"] == SPECMESH.label)
-            == next(r["output_ids"] for r in first if r["prompt_id"] == pid and r["variant"] == BASELINE.label)
-            for pid, _ in prompts}
+    from .hf_assisted import compare_outputs
+
+    first = {(r["prompt_id"], r["variant"]): r["output_ids"] for r in rows if r["repeat"] == 0}
+    target = engine.backend.target  # in process: its next_logits is the target as it runs
+    same = {pid: compare_outputs(target, _ids(engine, prompt), first[pid, SPECMESH.label], first[pid, BASELINE.label],
+                                 decode) for pid, prompt in prompts}
     return {"prompts": [p for p, _ in prompts], "max_new_tokens": n_tokens, "links": topo.describe_links(),
             "threads": b.threads, "gguf": gguf.name, "config": config_dict(engine), "repeats": b.repeats,
             "runs": rows, "summary": hf_summary(rows, b.repeats, LLAMACPP_PAIRS),

@@ -58,6 +58,8 @@ def config_from_topology(path: str, **overrides) -> SpecConfig:
     topology = load_topology(path)
     base = dict(target=topology.models.target, draft=topology.models.draft,
                 num_stages=topology.num_stages, topology=str(path))
+    base.update({k: getattr(topology.models, k) for k in ("weights", "draft_weights")
+                 if getattr(topology.models, k) is not None})
     base.update(federated_plan.config_fields(path, topology.models.target))  # SpecFed's [federated]
     fields = {k: v for k, v in topology.policies.items() if k in POLICY_FIELDS}
     knobs = {k: v for k, v in topology.policies.items() if k not in POLICY_FIELDS}

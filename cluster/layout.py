@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from specmesh.runtime.config import WEIGHT_FORMATS
+
 from .cores import cpu_list, parse_cores, usable_cores
 from .keypath import fail
 from .links import EMULATE_AUTO, EMULATE_MODES, IDEAL, LinkSpec
@@ -75,8 +77,14 @@ class Models:
 
     target: str  # bundled name, local dir, HF id or a tiny spec ("tiny:layers=4"; see actors.tiny)
     draft: str | None = None  # same forms; None = target-only baseline (no speculation)
+    weights: str | None = None  # the stages' weight format (SpecConfig.weights); None = the config's
+    draft_weights: str | None = None  # the draft's (SpecConfig.draft_weights); None = the config's
 
     def __post_init__(self) -> None:
+        for key in ("weights", "draft_weights"):
+            value = getattr(self, key)
+            if value is not None and value not in WEIGHT_FORMATS:
+                raise fail(key, value, f"must be one of {', '.join(WEIGHT_FORMATS)}")
         if not isinstance(self.target, str) or not self.target.strip():
             raise fail("target", self.target, "must name the target model (bundled name, dir, HF id, tiny:...)")
         if self.draft is not None and (not isinstance(self.draft, str) or not self.draft.strip()):

@@ -38,6 +38,7 @@ def run_and_report(
     console.print(f"workers ready in {time.perf_counter() - t0:.1f} s")
     for line in lowbit.describe_workers(engine.backend.workers):
         console.print(f"  {line}")
+    console.print(f"  {lowbit.memory_total(engine.backend.workers)}")
     main = Variant(SPECMESH if cfg.draft is not None else BASELINE.label, {})
     variants = ([BASELINE] if compare and cfg.draft is not None else []) + [main]
     try:

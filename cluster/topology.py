@@ -76,7 +76,7 @@ SPLITS = (SPLIT_EVEN, SPLIT_LAYERS)
 
 TOP_KEYS = ("name", "stages", "split", "layers", "models", "nodes", "links", "default_link", "link_model",
             "policies", "federated")  # federated: read by cluster/federated_plan.py
-MODEL_KEYS = ("draft", "target")
+MODEL_KEYS = ("draft", "target", "weights", "draft_weights")
 NODE_KEYS = ("name", "role", "address", "resources", "cores")
 DEFAULT_LINK_KEYS = ("latency_ms", "bandwidth_mbps")
 LINK_KEYS = ("a", "b", "latency_ms", "up_latency_ms", "down_latency_ms", "bandwidth_mbps", "up_mbps", "down_mbps")
@@ -169,7 +169,8 @@ def parse_topology(doc: dict) -> Topology:
     with at("models"):
         if "target" not in models_raw:
             raise fail("target", None, "missing; name the target model")
-        models = Models(target=models_raw["target"], draft=models_raw.get("draft"))
+        models = Models(target=models_raw["target"], draft=models_raw.get("draft"),
+                        weights=models_raw.get("weights"), draft_weights=models_raw.get("draft_weights"))
     nodes_raw = doc.get("nodes")
     if not isinstance(nodes_raw, list) or not nodes_raw:
         raise fail("nodes", nodes_raw, "need a [[nodes]] table per node, one with role = 'device'")
@@ -253,6 +254,9 @@ def dump_topology(topology: Topology) -> str:
     lines += ["", "[models]", f"target = {_toml(t.models.target)}"]
     if t.models.draft is not None:
         lines.append(f"draft = {_toml(t.models.draft)}")
+    for key in ("weights", "draft_weights"):
+        if getattr(t.models, key) is not None:
+            lines.append(f"{key} = {_toml(getattr(t.models, key))}")
     if t.policies:
         lines += ["", "[policies]", *(f"{k} = {_toml(v)}" for k, v in t.policies.items())]
     lines += ["", "[link_model]", f"emulate = {_toml(t.emulate)}",

@@ -46,7 +46,9 @@ def test_results_json_has_every_figure_and_its_context(bench):
     for name, section in sections.items():  # a scenario takes at least as long as the runs it timed
         timed = sum(r["wall_s"] for p in section.get("points", [section]) for r in p.get("runs", []))
         assert section["elapsed_s"] >= timed, name
-        assert (timed > 0) == (name != "quality"), name  # tiny models have no tokenizer: quality is skipped
+        # tiny models have no tokenizer (quality) nor a GGUF (llamacpp): those two are skipped
+        assert (timed > 0) == (name not in ("quality", "llamacpp")), name
+    assert "use --models bundled" in sections["llamacpp"]["skipped"]
     assert data["elapsed_s"] >= sum(s["elapsed_s"] for s in sections.values())
     grid = options.GRIDS[("tiny", True)]
     points = data["scenarios"]["latency"]["points"]

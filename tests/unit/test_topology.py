@@ -96,6 +96,7 @@ BAD = {
     "missing role": (edit('name = "edge2"\nrole = "edge"', 'name = "edge2"'), "nodes[2].role = None"),
     "missing target": (edit('target = "tiny:t"\n', ""), "models.target = None"),
     "empty target": (edit('target = "tiny:t"', 'target = ""'), "models.target = ''"),
+    "unknown weights": (edit('target = "tiny:t"', 'target = "tiny:t"\nweights = "int3"'), "models.weights = 'int3'"),
     "stage on unknown node": (edit('stages = ["edge1", "edge2"]', 'stages = ["edge1", "edge9"]'),
                               "stages[1] = 'edge9'"),
     "empty stages": (edit('stages = ["edge1", "edge2"]', "stages = []"), "stages = []"),
@@ -263,7 +264,8 @@ FULL = Topology(
            Node("client", "client", address="client.example")),
     links=(Link("device", "edge1", up=LinkSpec(20, 10), down=LinkSpec(30, 50)),
            Link("edge2", "edge1", up=LinkSpec(1.5, math.inf), down=LinkSpec(0, 1000))),
-    models=Models(target="tiny:layers=4", draft="tiny-draft"), stages=("edge1", "edge2", "edge2"),
+    models=Models(target="tiny:layers=4", draft="tiny-draft", weights="int4", draft_weights="int8"),
+    stages=("edge1", "edge2", "edge2"),
     layers=(2, 1, 1), default_link=LinkSpec(5, math.inf), emulate="latency", name='quotes " and \\ and é',
 )
 
@@ -283,3 +285,14 @@ def test_dump_topology_keeps_every_direction_of_a_link():
     assert back.link("edge1", "edge2") == LinkSpec(0, 1000) and back.link("edge2", "edge1") == LinkSpec(1.5)
     assert back.link("device", "edge2") == LinkSpec(5)  # not listed: the default
     assert back.split_layers(4) == [range(0, 2), range(2, 3), range(3, 4)]
+
+
+def test_weight_formats_come_from_the_models_table_and_options_win(tmp_path):
+    from specmesh.cluster.inproc import config_from_topology
+
+    path = tmp_path / "t.toml"
+    path.write_text(edit('target = "tiny:t"', 'target = "tiny:t"\nweights = "int4"\ndraft_weights = "dense"'))
+    cfg = config_from_topology(str(path))
+    assert (cfg.weights, cfg.draft_weights) == ("int4", "dense")
+    assert config_from_topology(str(path), weights="int8").weights == "int8"
+    assert config_from_topology(example_path("one_machine")).weights == "auto"  # not named: the default
