@@ -89,7 +89,7 @@ class Int8Linear(torch.nn.Module):
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [out]
         self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale)
-        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32, copy=True))
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ class Int4Linear(torch.nn.Module):
         sz = torch.stack([scale[..., 0].t(), zero[..., 0].t()], dim=-1)  # [groups, out, 2]
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         self.register_buffer("scales_zeros", sz.to(torch.bfloat16).contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16, copy=True))
         self.in_features, self.out_features = in_f, out_f
 
     @staticmethod
