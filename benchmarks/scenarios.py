@@ -82,30 +82,8 @@ def scenario_hf(b: Bench) -> dict:
         peer = AssistedPeer(resolve(cfg.target, cfg.cache_dir), resolve(cfg.draft, cfg.cache_dir), cfg.dtype,
                             engine.backend.info.eos_token_ids)
     prompts, n_tokens, decode = b.prompts("hf"), b.tokens("hf"), decoder(engine)
-    variants = [Variant(v.label, {**v.overrides, "max_new_tokens": n_tokens, "seed": b.options.seed})
-                for v in (BASELINE, SPECMESH)]
-    rows = []
-    per_prompt = len(variants) + len(PEER_VARIANTS)  # runs of one prompt in one repetition
-    task = b.progress.add_task("hf", total=b.repeats * len(prompts) * per_prompt)
-    for r in range(b.repeats):
-        for i, (pid, prompt) in enumerate(prompts):
-            first = r == 0 and i == 0
-            runs = run_side_by_side(engine, [(pid, prompt)], variants, warmup=first,
-                                    on_run=lambda _run: b.progress.advance(task))
-            rows += [run_record(run, r, decode) for run in runs]
-            ids = _ids(engine, prompt)
-            if first:  # the peer's own warm-up, untimed
-                peer.generate(ids, WARMUP_TOKENS, assisted=True)
-            for label, assisted in PEER_VARIANTS:
-                got = peer.generate(ids, n_tokens, assisted=assisted)
-                rows.append({"prompt_id": pid, "variant": label, "repeat": r, "prompt_tokens": len(ids),
-                             "tokens": len(got.output_ids), "wall_s": got.wall_s,
-                             "tokens_per_s": got.tokens_per_s, "output_ids": got.output_ids,
-                             **({"text": decode(got.output_ids)} if decode else {})})
-                b.progress.advance(task)
-            if b.checkpoint is not None:
-                b.checkpoint(f"hf {pid} repeat {r}", {"runs": rows[-per_prompt:]})
-    b.progress.remove_task(task)
+    peers = [(label, lambda ids, n, a=assisted: peer.generate(ids, n, assisted=a)) for label, assisted in PEER_VARIANTS]
+    rows = _beside_peers(b, "hf", engine, prompts, n_tokens, peers)
     identity = [_identity(peer, pid, _ids(engine, prompt), rows, decode) for pid, prompt in prompts]
     settings = peer.settings()
     del peer
@@ -136,27 +114,7 @@ def scenario_llamacpp(b: Bench) -> dict:
         peer = LlamaCppPeer(gguf, b.threads)
     prompts, n_tokens, decode = b.prompts("llamacpp"), b.tokens("llamacpp"), decoder(engine)
     eos = engine.backend.info.eos_token_ids
-    variants = [Variant(v.label, {**v.overrides, "max_new_tokens": n_tokens, "seed": b.options.seed})
-                for v in (BASELINE, SPECMESH)]
-    rows = []
-    task = b.progress.add_task("llamacpp", total=b.repeats * len(prompts) * (len(variants) + 1))
-    for r in range(b.repeats):
-        for i, (pid, prompt) in enumerate(prompts):
-            first = r == 0 and i == 0
-            runs = run_side_by_side(engine, [(pid, prompt)], variants, warmup=first,
-                                    on_run=lambda _run: b.progress.advance(task))
-            rows += [run_record(run, r, decode) for run in runs]
-            ids = _ids(engine, prompt)
-            if first:  # llama.cpp's own warm-up, untimed
-                peer.generate(ids, WARMUP_TOKENS, eos)
-            got = peer.generate(ids, n_tokens, eos)
-            rows.append({"prompt_id": pid, "variant": LLAMACPP, "repeat": r, "prompt_tokens": len(ids),
-                         "tokens": len(got.output_ids), "wall_s": got.wall_s, "tokens_per_s": got.tokens_per_s,
-                         "output_ids": got.output_ids, **({"text": decode(got.output_ids)} if decode else {})})
-            b.progress.advance(task)
-            if b.checkpoint is not None:
-                b.checkpoint(f"llamacpp {pid} repeat {r}", {"runs": rows[-(len(variants) + 1):]})
-    b.progress.remove_task(task)
+    rows = _beside_peers(b, "llamacpp", engine, prompts, n_tokens, [(LLAMACPP, lambda ids, n: peer.generate(ids, n, eos))])
     del peer
     gc.collect()
     from .hf_assisted import compare_outputs
@@ -174,6 +132,38 @@ def scenario_llamacpp(b: Bench) -> dict:
 LLAMACPP = "llama.cpp"
 # The llamacpp scenario's ratios: SpecMesh and its target-only decoding against the anchor, and its own speedup.
 LLAMACPP_PAIRS = (("specmesh", LLAMACPP), ("target-only", LLAMACPP), ("specmesh", "target-only"))
+
+
+def _beside_peers(b: Bench, label: str, engine, prompts, n_tokens: int, peers) -> list[dict]:
+    """Per repetition and prompt: target-only and SpecMesh on ``engine``, then each peer
+    (``(variant, generate(ids, max_new_tokens) -> PeerRun)``) on the same token ids, interleaved;
+    the first prompt warms every one up untimed. Returns one row per run."""
+    decode = decoder(engine)
+    variants = [Variant(v.label, {**v.overrides, "max_new_tokens": n_tokens, "seed": b.options.seed})
+                for v in (BASELINE, SPECMESH)]
+    per_prompt = len(variants) + len(peers)  # runs of one prompt in one repetition
+    task = b.progress.add_task(label, total=b.repeats * len(prompts) * per_prompt)
+    rows: list[dict] = []
+    for r in range(b.repeats):
+        for i, (pid, prompt) in enumerate(prompts):
+            first = r == 0 and i == 0
+            runs = run_side_by_side(engine, [(pid, prompt)], variants, warmup=first,
+                                    on_run=lambda _run: b.progress.advance(task))
+            rows += [run_record(run, r, decode) for run in runs]
+            ids = _ids(engine, prompt)
+            for variant, generate in peers:
+                if first:  # the peer's own warm-up, untimed
+                    generate(ids, WARMUP_TOKENS)
+                got = generate(ids, n_tokens)
+                rows.append({"prompt_id": pid, "variant": variant, "repeat": r, "prompt_tokens": len(ids),
+                             "tokens": len(got.output_ids), "wall_s": got.wall_s,
+                             "tokens_per_s": got.tokens_per_s, "output_ids": got.output_ids,
+                             **({"text": decode(got.output_ids)} if decode else {})})
+                b.progress.advance(task)
+            if b.checkpoint is not None:
+                b.checkpoint(f"{label} {pid} repeat {r}", {"runs": rows[-per_prompt:]})
+    b.progress.remove_task(task)
+    return rows
 
 
 def _ids(engine, prompt) -> list[int]:

@@ -306,7 +306,7 @@ def test_cli_rejects_bad_policy_options_by_name(args, word):
 def test_temperature_reaches_the_sampled_scenarios_only_and_the_command_line_reproduces():
     o = options.BenchOptions(temperature=0.7, policies=("exact", "importance"), strengths=(0.25, 1.0),
                              baseline=False, latencies_ms=(0.0, 50.0), gammas=(1, 4), adaptive=("online",))
-    assert [o.temperature_of(s) for s in options.SCENARIOS] == [0.0, 0.0, 0.7, 0.0, 0.7, 0.7]
+    assert [o.temperature_of(s) for s in options.SCENARIOS] == [0.0, 0.0, 0.7, 0.0, 0.7, 0.7, 0.0]
     assert [options.BenchOptions().temperature_of(s) for s in ("sparsifier", "quality")] == [1.0, 0.0]
     cmd = o.command_line()
     for flag in ("--temperature 0.7", "--policies exact,importance", "--strengths 0.25,1", "--no-baseline",
