@@ -21,8 +21,9 @@ layer below, their packed kernels not built for x86):
   Fastest for one row; its cost grows with the rows.
 - ``auto``: per layer shape, the format that serves the worker's typical request fastest
   (:data:`DRAFT_WORK`, :data:`STAGE_WORK`), measured at load time on weights read from memory
-  (:func:`choose`); a format is kept over an earlier-preferred one only when it is at least
-  :data:`GAIN` times faster, so the choice does not flip with the clock's noise.
+  (:func:`choose`); a format displaces the role's preferred one (int4 for a draft, int8 for a
+  stage) only when at least :data:`GAIN` times faster, so the choice does not flip with the clock's
+  noise (two stages loading on one core time each other's probes).
 
 One 1536x8960 layer, one thread of an AMD EPYC with AVX512-VNNI and AVX512-BF16, weights read from
 memory, ms per call (``python -m specmesh.benchmarks.kernels``): 1 row: bf16 2.72, int8 1.60, int4
@@ -36,10 +37,10 @@ only where the target's top two logits are within the format's rounding, above).
 from __future__ import annotations
 
 import ctypes
-import os
 import functools
+import os
 import time
-from typing import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -51,15 +52,25 @@ INT4_GROUP = 32
 #: Under ``auto`` a layer of fewer weights stays dense (tiny models: nothing to win)
 MIN_WEIGHTS = 1 << 18
 GAIN = 1.2  # a later-preferred format must be at least this much faster to be chosen
-PREFERENCE = ("int8", "int4", "dense")  # int8 first: flat in rows (batches, prompts)
 PROBE_REPEATS = 5
 PROBE_MAX_OUT = 16384  # a probe of a wider layer (an LM head) times this many of its outputs
-#: A worker's typical request, for ``auto``: {rows per forward: forwards}. A draft evaluates a
-#: 128-token prompt (two forwards of 64 rows) and drafts ~96 single tokens for 64 new ones (gamma 4
-#: plus the steps verification rejects); a target stage evaluates the prompt and verifies ~16 rounds
-#: of gamma + 1 = 5-9 rows.
-DRAFT_WORK = {1: 96, 64: 2}
-STAGE_WORK = {8: 16, 64: 2}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A worker's typical request, for ``auto``: ``rows`` pairs (rows per forward, forwards), and the
+    formats in order of preference (a later one must be :data:`GAIN` times faster to be chosen)."""
+
+    rows: tuple[tuple[int, int], ...]
+    preference: tuple[str, ...]
+
+
+#: A draft evaluates a 128-token prompt (two forwards of 64 rows) and drafts ~96 single tokens for
+#: 64 new ones (gamma 4 plus the steps verification rejects): int4 first, the one-row format.
+DRAFT_WORK = Workload(((1, 96), (64, 2)), ("int4", "int8", "dense"))
+#: A target stage evaluates the prompt and verifies ~16 rounds of gamma + 1 = 5-9 rows: int8
+#: first, flat in rows (prompts, verification, batches).
+STAGE_WORK = Workload(((8, 16), (64, 2)), ("int8", "int4", "dense"))
 
 
 def load_dtype(dtype: torch.dtype, fmt: str) -> torch.dtype | None:
@@ -192,27 +203,26 @@ def _seconds(layer: torch.nn.Module, x: torch.Tensor, scratch: torch.Tensor) -> 
     return best
 
 
-def candidates(out_features: int, in_features: int) -> tuple[str, ...]:
-    """The formats a ``[out, in]`` layer can take, in order of preference."""
+def candidates(out_features: int, in_features: int, preference: tuple[str, ...]) -> tuple[str, ...]:
+    """The formats of ``preference`` a ``[out, in]`` layer can take, in that order."""
     fits = {"int8": True, "int4": Int4Linear.fits(out_features, in_features), "dense": True}
-    return tuple(f for f in PREFERENCE if fits[f])
+    return tuple(f for f in preference if fits[f])
 
 
 @functools.lru_cache(maxsize=None)
-def _choose_shape(out_features: int, in_features: int, work: tuple[tuple[int, int], ...], dtype: torch.dtype,
-                  bias: bool) -> str:
+def _choose_shape(out_features: int, in_features: int, work: Workload, dtype: torch.dtype, bias: bool) -> str:
     out_features = min(out_features, PROBE_MAX_OUT)  # the kernels scale with the outputs; LM heads are huge
     probe = torch.nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device="meta")
     probe.weight = torch.nn.Parameter(torch.randn(out_features, in_features, dtype=dtype) * 0.02, False)
     if bias:
         probe.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype), False)
-    x = {m: torch.randn(m, in_features, dtype=dtype) for m, _ in work}  # [m, in]
+    x = {m: torch.randn(m, in_features, dtype=dtype) for m, _ in work.rows}  # [m, in]
     scratch = torch.zeros(EVICT_BYTES // 4)
     times = {}
     with torch.no_grad():
-        for fmt in candidates(out_features, in_features):
+        for fmt in candidates(out_features, in_features, work.preference):
             layer = convert(probe, fmt)
-            times[fmt] = sum(n * _seconds(layer, x[m], scratch) for m, n in work)
+            times[fmt] = sum(n * _seconds(layer, x[m], scratch) for m, n in work.rows)
     best = next(iter(times))
     for fmt, t in times.items():
         if t * GAIN <= times[best]:
@@ -220,10 +230,10 @@ def _choose_shape(out_features: int, in_features: int, work: tuple[tuple[int, in
     return best
 
 
-def choose(layer: torch.nn.Linear, fmt: str, work: Mapping[int, int], dtype: torch.dtype | None = None) -> str:
+def choose(layer: torch.nn.Linear, fmt: str, work: Workload, dtype: torch.dtype | None = None) -> str:
     """The format ``layer`` takes: ``fmt`` itself where the layer's shape fits it (else ``dense``);
     for ``auto``, ``dense`` below :data:`MIN_WEIGHTS` weights (nothing to win) and otherwise the
-    format that runs ``work`` ({rows per forward: forwards}) fastest with activations in ``dtype``
+    format that runs ``work`` fastest with activations in ``dtype``
     (default: the weight's; timed once per process, shape, work and dtype)."""
     out_f, in_f = layer.out_features, layer.in_features
     if fmt == "dense" or layer.weight.device.type != "cpu":
@@ -231,12 +241,11 @@ def choose(layer: torch.nn.Linear, fmt: str, work: Mapping[int, int], dtype: tor
     if fmt == "auto":
         if layer.weight.numel() < MIN_WEIGHTS:
             return "dense"
-        return _choose_shape(out_f, in_f, tuple(sorted(work.items())), dtype or layer.weight.dtype,
-                             layer.bias is not None)
-    return fmt if fmt in candidates(out_f, in_f) else "dense"
+        return _choose_shape(out_f, in_f, work, dtype or layer.weight.dtype, layer.bias is not None)
+    return fmt if fmt in candidates(out_f, in_f, (fmt,)) else "dense"
 
 
-def apply(module: torch.nn.Module, fmt: str, work: Mapping[int, int], dtype: torch.dtype | None = None) -> dict[str, int]:
+def apply(module: torch.nn.Module, fmt: str, work: Workload, dtype: torch.dtype | None = None) -> dict[str, int]:
     """Converts, in place, every ``nn.Linear`` of ``module`` to its chosen format (:func:`choose`),
     and with a low-bit format a large embedding table to :class:`Int8Embedding`; the dense
     originals are dropped. Then every parameter left (norms, dense layers) is cast to ``dtype``, the
@@ -250,8 +259,7 @@ def apply(module: torch.nn.Module, fmt: str, work: Mapping[int, int], dtype: tor
     Args:
         module: a loaded model (inference only).
         fmt: one of :data:`FORMATS`.
-        work: the worker's typical request for ``auto``, {rows per forward: forwards}
-            (:data:`DRAFT_WORK`, :data:`STAGE_WORK`).
+        work: the worker's typical request for ``auto`` (:data:`DRAFT_WORK`, :data:`STAGE_WORK`).
         dtype: the compute dtype (None: the parameters' own).
     """
     check_format(fmt)

@@ -83,15 +83,20 @@ def test_auto_keeps_small_layers_dense_and_explicit_formats_follow_shapes():
 def test_auto_picks_the_fastest_on_the_work_and_prefers_within_the_gain(monkeypatch):
     """The choice weighs each candidate's measured time by the work; a later-preferred format must
     be GAIN times faster to displace an earlier one."""
-    ms = {"int8": {1: 1.6, 64: 5.7}, "int4": {1: 0.9, 64: 21.0}, "dense": {1: 2.7, 64: 10.0}}
+    ms = {"int8": {1: 1.6, 8: 2.29, 64: 5.7}, "int4": {1: 0.9, 8: 2.7, 64: 21.0}, "dense": {1: 2.7, 8: 3.55, 64: 10.0}}
     monkeypatch.setattr(lowbit, "_seconds", lambda layer, x, scratch: ms[lowbit.format_of(layer)][x.shape[0]])
     monkeypatch.setattr(lowbit, "MIN_WEIGHTS", 0)
     lowbit._choose_shape.cache_clear()
     layer = _linear(512, 256, seed=2)
+    stage_first, draft_first = lowbit.STAGE_WORK.preference, lowbit.DRAFT_WORK.preference
     try:
-        assert lowbit.choose(layer, "auto", {1: 96, 64: 2}) == "int4"  # 128 vs 165: int4 1.29x faster
-        assert lowbit.choose(layer, "auto", {1: 64, 64: 2}) == "int8"  # 144 vs 113.6: int4 faster, < GAIN
-        assert lowbit.choose(layer, "auto", {64: 2}) == "int8"
+        work = lambda rows, pref: lowbit.Workload(rows, pref)  # noqa: E731
+        assert lowbit.choose(layer, "auto", work(((1, 96), (64, 2)), stage_first)) == "int4"  # 128 vs 165: 1.29x
+        assert lowbit.choose(layer, "auto", work(((1, 64), (64, 2)), stage_first)) == "int8"  # int4 faster, < GAIN
+        assert lowbit.choose(layer, "auto", work(((1, 64), (64, 2)), draft_first)) == "int4"  # its preference
+        assert lowbit.choose(layer, "auto", work(((64, 2),), draft_first)) == "int8"  # 11.4 vs 42: int8
+        assert lowbit.choose(layer, "auto", lowbit.DRAFT_WORK) == "int4"
+        assert lowbit.choose(layer, "auto", lowbit.STAGE_WORK) == "int8"
     finally:
         lowbit._choose_shape.cache_clear()
 
