@@ -36,9 +36,7 @@ only where the target's top two logits are within the format's rounding, above).
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import os
 import time
 from dataclasses import dataclass
 
@@ -47,6 +45,7 @@ import torch
 from specmesh.runtime.config import WEIGHT_FORMATS as FORMATS
 
 from . import cpu_linear
+from .memory import release_freed_memory
 
 INT4_GROUP = 32
 #: Under ``auto`` a layer of fewer weights stays dense (tiny models: nothing to win)
@@ -86,6 +85,15 @@ def check_format(name: str, what: str = "weights") -> str:
     return name
 
 
+def int8_rows(w: torch.Tensor, block: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` ``[n, k]`` as symmetric int8 with one float32 scale per row: (``[n, k]`` int8,
+    ``[n, 1]`` scale), converted ``block`` rows at a time (no float32 copy of the whole matrix)."""
+    scale = (w.detach().abs().amax(dim=1, keepdim=True).float() / 127).clamp(min=1e-12)  # [n, 1]
+    q = [torch.round(w[i:i + block].detach().float() / scale[i:i + block]).clamp(-127, 127).to(torch.int8)
+         for i in range(0, w.shape[0], block)]
+    return torch.cat(q), scale
+
+
 class Int8Linear(torch.nn.Module):
     """``y = x W^T + b`` with W int8 per output channel and x quantised to int8 per row.
 
@@ -96,12 +104,11 @@ class Int8Linear(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        w = weight.detach().float()  # [out, in]
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [out]
-        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale)
+        q, scale = int8_rows(weight)  # [out, in], [out, 1]
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale[:, 0])  # [out]
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32, copy=True))
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.out_features, self.in_features = q.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()  # [M, in]
@@ -160,12 +167,9 @@ class Int8Embedding(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        w = weight.detach()
-        self.dtype = dtype or w.dtype  # of the rows it returns
-        scale = (w.float().abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)  # [vocab, 1]
-        rows = [torch.round(w[i:i + 4096].float() / scale[i:i + 4096]).to(torch.int8)
-                for i in range(0, w.shape[0], 4096)]  # in blocks: no float32 copy of the whole table
-        self.register_buffer("weight", torch.cat(rows))
+        self.dtype = dtype or weight.dtype  # of the rows it returns
+        q, scale = int8_rows(weight)  # [vocab, hidden], [vocab, 1]
+        self.register_buffer("weight", q)
         self.register_buffer("scale", scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -211,6 +215,7 @@ def candidates(out_features: int, in_features: int, preference: tuple[str, ...])
 
 @functools.lru_cache(maxsize=None)
 def _choose_shape(out_features: int, in_features: int, work: Workload, dtype: torch.dtype, bias: bool) -> str:
+    formats = candidates(out_features, in_features, work.preference)  # of the real shape
     out_features = min(out_features, PROBE_MAX_OUT)  # the kernels scale with the outputs; LM heads are huge
     probe = torch.nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device="meta")
     probe.weight = torch.nn.Parameter(torch.randn(out_features, in_features, dtype=dtype) * 0.02, False)
@@ -220,7 +225,7 @@ def _choose_shape(out_features: int, in_features: int, work: Workload, dtype: to
     scratch = torch.zeros(EVICT_BYTES // 4)
     times = {}
     with torch.no_grad():
-        for fmt in candidates(out_features, in_features, work.preference):
+        for fmt in formats:
             layer = convert(probe, fmt)
             times[fmt] = sum(n * _seconds(layer, x[m], scratch) for m, n in work.rows)
     best = next(iter(times))
@@ -291,58 +296,3 @@ def _own_memory(module: torch.nn.Module, dtype: torch.dtype | None) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.data = p.data.to(dtype or p.dtype, copy=True)
-
-
-def summary(counts: dict[str, int]) -> str:
-    """``int8 x196, dense x1``: the formats that ran, most used first."""
-    return ", ".join(f"{f} x{n}" for f, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "dense"
-
-
-def release_freed_memory() -> None:
-    """Hands the heap's freed pages back to the system (glibc keeps a freed layer's pages otherwise,
-    and the dense weights just replaced would still count in the worker's resident memory)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def resident_bytes() -> int:
-    """This process's resident memory (bytes), from ``/proc/self/statm``; 0 where unavailable."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def peak_resident_bytes() -> int:
-    """This process's peak resident memory so far (bytes, ``VmHWM``); 0 where unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            line = next(l for l in f if l.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
-    except (OSError, StopIteration, IndexError, ValueError):
-        return 0
-
-
-def describe_workers(workers: list[dict]) -> list[str]:
-    """One line per worker: its role, the weight formats it computes in, its resident memory."""
-    lines = []
-    for w in workers:
-        mem = f"{w['rss_bytes'] / 1e9:.2f} GB resident" if w.get("rss_bytes") else "memory unknown"
-        if w.get("peak_rss_bytes"):
-            mem += f" (peak {w['peak_rss_bytes'] / 1e9:.2f} GB)"
-        where = f"pid {w['pid']}" if "pid" in w else ""
-        lines.append(f"{w.get('role', '?')}: {summary(w.get('formats') or {})}; {mem}; {where}".rstrip("; "))
-    return lines
-
-
-def memory_total(workers: list[dict]) -> str:
-    """The resident memory of every process that holds workers, this one (the driver) included:
-    now and the sum of each process's peak (processes are counted once, by pid)."""
-    procs = {os.getpid(): (resident_bytes(), peak_resident_bytes())}
-    for w in workers:
-        procs.setdefault(w.get("pid"), (w.get("rss_bytes", 0), w.get("peak_rss_bytes", 0)))
-    now, peak = (sum(v[i] for v in procs.values()) for i in (0, 1))
-    return f"all {len(procs)} process(es): {now / 1e9:.2f} GB resident, peaks summed {peak / 1e9:.2f} GB"

@@ -25,7 +25,7 @@ from specmesh.runtime.federated import worker_reply
 from specmesh.runtime.messages import DraftProposal, ErrorMessage, OpenSession, ProposeRequest, VerifyResult
 from specmesh.runtime.traffic import TrafficMeter
 
-from . import hf, lowbit
+from . import hf, lowbit, memory
 from .cheap_draft import make_cheaper
 from .batched_draft import BatchedDraftWorker, make_draft_worker
 from .models import resolve
@@ -81,7 +81,8 @@ class InboundLink:
     link: object | None = None
 
 
-def _load(spec: WorkerSpec) -> hf.StageModel:
+def _load(spec: WorkerSpec) -> tuple[hf.StageModel, torch.dtype]:
+    """The worker's model, loaded on its own cores, and the dtype it computes in."""
     if spec.cores is not None:
         os.sched_setaffinity(0, spec.cores)  # this actor's process computes on its node's cores only
     torch.set_num_threads(spec.threads)
@@ -90,7 +91,7 @@ def _load(spec: WorkerSpec) -> hf.StageModel:
     dtype = hf.resolve_dtype(spec.dtype, spec.weights)
     stage = hf.load_stage(path, layers, dtype=lowbit.load_dtype(dtype, spec.weights))
     # a stage's weight format is applied by TargetStage, the draft's here
-    return make_cheaper(stage, spec.weights, spec.draft_head_rows, dtype) if spec.layers is None else stage
+    return (make_cheaper(stage, spec.weights, spec.draft_head_rows, dtype) if spec.layers is None else stage), dtype
 
 
 # An error text longer than this is cut, so that the error message itself always encodes.
@@ -181,8 +182,8 @@ class _Base:
     def node_info(self) -> dict:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "ip": ray.util.get_node_ip_address(), "threads": torch.get_num_threads(),
-                "cores": sorted(os.sched_getaffinity(0)), "rss_bytes": lowbit.resident_bytes(),
-                "peak_rss_bytes": lowbit.peak_resident_bytes()}
+                "cores": sorted(os.sched_getaffinity(0)), "rss_bytes": memory.resident_bytes(),
+                "peak_rss_bytes": memory.peak_resident_bytes()}
 
 
 @ray.remote
@@ -191,7 +192,7 @@ class DraftActor(_Base):
 
     def __init__(self, spec: WorkerSpec, by_reference: bool = False,
                  outbound: InboundLink | None = None) -> None:
-        model = _load(spec)
+        model, _ = _load(spec)
         super().__init__(model.vocab_size, None, outbound)
         self.worker = make_draft_worker(model, None, spec.batch_sessions)
         self.by_reference = by_reference  # hand proposals on by reference (see _hand_on)
@@ -252,12 +253,11 @@ class StageActor(_Base):
 
     def __init__(self, spec: WorkerSpec, inbound: InboundLink | None, by_reference: bool = False,
                  outbound: InboundLink | None = None) -> None:
-        model = _load(spec)
+        model, dtype = _load(spec)
         super().__init__(model.vocab_size, inbound, outbound)
         # The vocabulary's strings only when a session asks for a rule with a lexicon.
         self.worker = TargetStage(model, vocab=lambda: hf.vocab_strings(
-            hf.load_tokenizer(resolve(spec.model, spec.cache_dir)), model.vocab_size), weights=spec.weights,
-            dtype=hf.resolve_dtype(spec.dtype, spec.weights))
+            hf.load_tokenizer(resolve(spec.model, spec.cache_dir)), model.vocab_size), weights=spec.weights, dtype=dtype)
         self.by_reference = by_reference  # hand frames on by reference (see _hand_on)
         # Batched rounds: messages that arrive while a forward runs are served by the next one
         # (TargetStage.step_many). Each waits in a thread of its own so the event loop stays free;

@@ -11,7 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-from specmesh.actors.lowbit import describe_workers
+from specmesh.actors.memory import describe_workers
 
 from .plots import PLOTS, TOKENS_PER_S, close_figures, hf_variants
 from .profile import profile_lines

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 
-from specmesh.actors import hf, lowbit
+from specmesh.actors import hf, lowbit, memory
 from specmesh.actors.batched_draft import make_draft_worker
 from specmesh.actors.cheap_draft import make_cheaper
 from specmesh.actors.draft import DraftWorker
@@ -264,7 +264,7 @@ def build(config: SpecConfig) -> Backend:
 def in_process_workers(stages: list[TargetStage], drafter: InprocDrafter | None) -> list[dict]:
     """Where each worker runs and in which weight formats, as the Ray backends report it; the
     resident memory is the process's (every worker shares it), measured once all are loaded."""
-    mem = {"pid": os.getpid(), "rss_bytes": lowbit.resident_bytes(), "peak_rss_bytes": lowbit.peak_resident_bytes()}
+    mem = {"pid": os.getpid(), "rss_bytes": memory.resident_bytes(), "peak_rss_bytes": memory.peak_resident_bytes()}
     out = [{"role": f"stage{i}", "layers": list(s.model.layers), "formats": s.model.formats, **mem}
            for i, s in enumerate(stages)]
     if drafter is not None:

